@@ -1,0 +1,5 @@
+"""Cache strategies. Importing this package registers every built-in strategy."""
+
+from dkvcache.caches.base import CacheStrategy, StepPlan, available_strategies, get_strategy, register_strategy
+
+__all__ = ["CacheStrategy", "StepPlan", "available_strategies", "get_strategy", "register_strategy"]

@@ -1,0 +1,89 @@
+"""The strategy interface every cache implements, and the registry that finds them by name.
+
+A strategy decides, before each step, which positions are fed through the model (the rest is read from the K/V
+buffers), and does its bookkeeping after the step. It never touches layers' internals; strategies that need a
+per-layer decision install a layer hook (see ``models.partial_forward.LayerHook``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from dkvcache.state import DecodeState
+
+
+@dataclass
+class StepPlan:
+    """What to feed this step.
+
+    fed_idx: (B, n) positions, ascending per row, padding entries equal to the sequence length L;
+             None = every position.
+    use_kv:  read/write the K/V buffers (False only for strategies that never cache).
+    refresh: this step recomputes everything the cache holds (counted in ``stats``).
+    """
+
+    fed_idx: Optional[torch.Tensor] = None
+    use_kv: bool = False
+    refresh: bool = False
+
+
+class CacheStrategy:
+    """Base class: feeds every position every step (no cache). Subclasses override what they need."""
+
+    name: ClassVar[str] = "none"
+    option_names: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, **options) -> None:
+        self.options = options
+        self.refreshes = 0
+
+    @classmethod
+    def check(cls, options: dict, family: str, opts) -> None:
+        """Validate this strategy's options (raise ValueError/TypeError) before any compute."""
+
+    def begin(self, state: "DecodeState") -> None:
+        """Called once per generate call, after the state is built."""
+
+    def begin_block(self, state: "DecodeState") -> None:
+        """Called at the start of every block (``state.block_start``/``block_end`` are set)."""
+
+    def plan(self, state: "DecodeState") -> StepPlan:
+        """Which positions to feed at ``state.step_in_block``."""
+        return StepPlan()
+
+    def after_step(self, state: "DecodeState", x_before: torch.Tensor) -> None:
+        """Bookkeeping once the step's tokens are written into ``state.x``."""
+
+    def layer_hook(self):
+        """An optional per-layer override for the next forward (None = the standard block)."""
+        return None
+
+    def stats(self) -> dict:
+        return {"refreshes": self.refreshes}
+
+
+_REGISTRY: dict[str, type[CacheStrategy]] = {}
+
+
+def register_strategy(cls: type[CacheStrategy]) -> type[CacheStrategy]:
+    """Class decorator: make a strategy available as ``cache_type=cls.name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_strategy(name: str) -> type[CacheStrategy]:
+    if name not in _REGISTRY:
+        raise ValueError(f"cache_type={name!r} is unknown; allowed: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def available_strategies() -> dict[str, frozenset[str]]:
+    """Registered strategy names and the option names each accepts."""
+    return {name: cls.option_names for name, cls in _REGISTRY.items()}
+
+
+register_strategy(CacheStrategy)

@@ -1,0 +1,324 @@
+"""``diffusion_generate``: argument checks and the one denoising loop shared by every model and strategy.
+
+Step order (the only place it lives): plan (strategy) → partial forward → logits at the candidates only →
+propose tokens → choose which to transfer (schedule / threshold) → write → bookkeeping (strategy) → hooks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from transformers.utils import ModelOutput
+
+from dkvcache import caches
+from dkvcache.indexing import ragged_indices, scatter_rows, slots_of
+from dkvcache.options import GenerationOptions, resolve_options
+from dkvcache.rng import resolve_row_seeds
+from dkvcache.sampling import (
+    FAMILIES,
+    linspace_count,
+    llada_quota,
+    origin_transfer,
+    propose_tokens,
+    select_sampled,
+    select_top,
+)
+from dkvcache.state import DecodeState
+
+
+@dataclass
+class DiffusionOutput(ModelOutput):
+    """``return_dict_in_generate=True`` result.
+
+    sequences (B, L): prompt + generation. history: ``x`` after every step (``output_history=True``).
+    stats: steps, forwards, tokens per forward, fed fraction, wall time, tokens/s … (see README).
+    """
+
+    sequences: Optional[torch.Tensor] = None
+    history: Optional[list] = None
+    stats: Optional[dict] = None
+
+
+class DiffusionGenerationMixin:
+    """Adds ``diffusion_generate`` to a model implementing ``PartialForwardMixin`` and ``diffusion_family``."""
+
+    @torch.no_grad()
+    def diffusion_generate(self, inputs: Optional[torch.Tensor] = None, generation_config: Any = None,
+                           **kwargs: Any) -> torch.Tensor | DiffusionOutput:
+        """Denoise ``max_new_tokens`` MASK tokens after the (left-padded) prompt ``inputs`` (B, P).
+
+        Same signature as the original Dream ``diffusion_generate``; LLaDA's argument names (``gen_length``,
+        ``remasking``, ``cfg_scale`` …) work too. Returns the (B, P + max_new_tokens) sequences, or a
+        :class:`DiffusionOutput` with ``return_dict_in_generate=True``. See :class:`GenerationOptions`.
+        """
+        return generate(self, inputs, generation_config, **kwargs)
+
+
+def _check_inputs(inputs: Any, attention_mask: Any) -> None:
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 or inputs.dtype != torch.long:
+        raise TypeError("diffusion_generate: inputs must be a (batch, prompt_length) torch.long tensor, got "
+                        f"{type(inputs).__name__}{'' if not isinstance(inputs, torch.Tensor) else tuple(inputs.shape)}")
+    if inputs.shape[0] == 0 or inputs.shape[1] == 0:
+        raise ValueError(f"diffusion_generate: inputs must be non-empty, got shape {tuple(inputs.shape)}")
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != inputs.shape:
+        raise ValueError("diffusion_generate: attention_mask must be a tensor shaped like inputs "
+                         f"{tuple(inputs.shape)}")
+    am = attention_mask.long()
+    if ((am != 0) & (am != 1)).any():
+        raise ValueError("diffusion_generate: attention_mask must hold only 0 and 1")
+    if (am[:, 1:] < am[:, :-1]).any():
+        raise ValueError("diffusion_generate: attention_mask must be left-padded (zeros before ones in every row); "
+                         "tokenize with padding_side='left'")
+    if (am.sum(1) == 0).any():
+        raise ValueError("diffusion_generate: every row of attention_mask needs at least one real token")
+
+
+def _build_state(model: Any, family, opts: GenerationOptions, inputs: torch.Tensor,
+                 attention_mask: Optional[torch.Tensor]) -> DecodeState:
+    device = model.device
+    inputs = inputs.to(device)
+    if opts.num_return_sequences > 1:
+        inputs = inputs.repeat_interleave(opts.num_return_sequences, dim=0)
+        if attention_mask is not None:
+            attention_mask = attention_mask.repeat_interleave(opts.num_return_sequences, dim=0)
+    batch, prompt_length = inputs.shape
+    gen = torch.full((batch, opts.max_new_tokens), opts.mask_token_id, dtype=torch.long, device=device)
+    x = torch.cat([inputs, gen], dim=1)
+    if attention_mask is None:
+        key_valid = torch.ones_like(x, dtype=torch.bool)
+        positions = torch.arange(x.shape[1], device=device).expand(batch, -1).contiguous()
+    else:
+        key_valid = torch.cat([attention_mask.to(device).bool(), torch.ones_like(gen, dtype=torch.bool)], dim=1)
+        positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
+    if ((inputs == opts.mask_token_id) & key_valid[:, :prompt_length]).any():
+        raise ValueError(f"diffusion_generate: inputs contain mask_token_id={opts.mask_token_id}; only the "
+                         "appended generation region is denoised (infilling is not supported)")
+    seeds = resolve_row_seeds(opts.seed, opts.generator, batch, device)
+    return DecodeState(model=model, family=family, opts=opts, x=x, positions=positions, key_valid=key_valid,
+                       prompt_length=prompt_length, row_seeds=seeds)
+
+
+def generate(model: Any, inputs: Optional[torch.Tensor], generation_config: Any = None,
+             **kwargs: Any) -> torch.Tensor | DiffusionOutput:
+    """Function form of :meth:`DiffusionGenerationMixin.diffusion_generate`."""
+    if inputs is None:
+        inputs = kwargs.pop("input_ids", None)
+    attention_mask = kwargs.pop("attention_mask", None)
+    _check_inputs(inputs, attention_mask)
+    family = FAMILIES[model.diffusion_family]
+    opts = resolve_options(family.name, model.config, inputs.shape[1], generation_config, kwargs,
+                           caches.available_strategies())
+    strategy_cls = caches.get_strategy(opts.cache_type)
+    strategy_cls.check(opts.cache_options, family.name, opts)
+    if opts.cfg_scale > 0 and opts.cache_type != "none":
+        raise ValueError(f"diffusion_generate: cfg_scale > 0 is not supported with cache_type={opts.cache_type!r}; "
+                         "use cfg_scale=0 or use_cache=False")
+    strategy = strategy_cls(**opts.cache_options)
+    state = _build_state(model, family, opts, inputs, attention_mask)
+    return _denoise(state, strategy)
+
+
+def _blocks(state: DecodeState) -> list[tuple[int, int, int]]:
+    opts = state.opts
+    block = opts.block_length or opts.max_new_tokens
+    n_blocks = opts.max_new_tokens // block
+    per_block = opts.steps // n_blocks
+    start = state.prompt_length
+    return [(start + b * block, start + (b + 1) * block, per_block) for b in range(n_blocks)]
+
+
+def _denoise(state: DecodeState, strategy: caches.CacheStrategy) -> torch.Tensor | DiffusionOutput:
+    opts = state.opts
+    start_time = time.perf_counter()
+    history: list = []
+    if opts.generation_tokens_hook_func is not None:
+        state.x = opts.generation_tokens_hook_func(None, state.x, None)
+    strategy.begin(state)
+    for block_start, block_end, steps in _blocks(state):
+        state.block_start, state.block_end, state.steps_in_block = block_start, block_end, steps
+        strategy.begin_block(state)
+        quota = None
+        if state.family.schedule == "quota":
+            quota = llada_quota(state.masked()[:, block_start:block_end].sum(1), steps)
+        for i in range(steps):
+            state.step_in_block = i
+            if not _step(state, strategy, quota):
+                break
+            state.global_step += 1
+            if opts.output_history:
+                history.append(state.x.clone())
+        if opts.eos_early_stop and _all_rows_ended(state, block_end):
+            tail = state.x[:, block_end:]
+            state.x[:, block_end:] = torch.where(tail == opts.mask_token_id, opts.eos_token_id, tail)
+            break
+    if state.x.device.type == "cuda":
+        torch.cuda.synchronize(state.x.device)
+    stats = _stats(state, strategy, time.perf_counter() - start_time)
+    if not opts.return_dict_in_generate:
+        return state.x
+    return DiffusionOutput(sequences=state.x, history=history if opts.output_history else None, stats=stats)
+
+
+def _all_rows_ended(state: DecodeState, block_end: int) -> bool:
+    region = state.x[:, state.prompt_length:block_end]
+    return bool((region == state.opts.eos_token_id).any(dim=1).all())
+
+
+def _step(state: DecodeState, strategy: caches.CacheStrategy, quota: Optional[torch.Tensor]) -> bool:
+    """One denoising step of the current block. Returns False when the block has nothing left to decode."""
+    opts, length = state.opts, state.length
+    candidates = state.masked()
+    candidates[:, : state.block_start] = False
+    candidates[:, state.block_end:] = False
+    cand_pos, cand_valid = ragged_indices(candidates, pad_value=length)
+    if cand_pos.shape[1] == 0:
+        return False
+    plan = strategy.plan(state)
+    if plan.refresh:
+        strategy.refreshes += 1
+    source = cand_pos - 1 if state.family.shift_logits else cand_pos
+    source = torch.where(cand_valid, source, length)
+    hidden = _forward(state, strategy, plan)
+    full_mode = opts.full_logits or opts.generation_logits_hook_func or opts.generation_tokens_hook_func
+    if full_mode:
+        logits, full = _logits_everywhere(state, hidden, plan, cand_pos)
+        decodable = cand_valid
+    else:
+        full = None
+        logits, decodable = _logits_at(state, hidden, plan, source, cand_valid)
+
+    offsets = (cand_pos - state.prompt_length).clamp(min=0)
+    push_last = [t for t in (opts.eos_token_id, opts.eot_token_id) if t is not None] if opts.confidence_eos_eot_inf else []
+    x0, conf = propose_tokens(
+        logits, family=state.family, alg=opts.alg, temperature=opts.temperature, top_p=opts.top_p,
+        top_k=opts.top_k, row_seeds=state.row_seeds, step=state.global_step, offsets=offsets,
+        banned_ids=[opts.eos_token_id] if opts.logits_eos_inf else [], push_last_ids=push_last)
+    transfer = _choose(state, conf, cand_valid, decodable, offsets, quota)
+
+    x_before = state.x.clone()
+    new_tokens = scatter_rows(torch.where(transfer, x0, opts.mask_token_id), cand_pos, length, opts.mask_token_id)
+    written = scatter_rows(transfer, cand_pos, length, False)
+    state.x = torch.where(written, new_tokens, state.x)
+    strategy.after_step(state, x_before)
+    if opts.generation_tokens_hook_func is not None:
+        state.x = opts.generation_tokens_hook_func(state.global_step, state.x, full)
+    return True
+
+
+def _choose(state: DecodeState, conf: torch.Tensor, cand_valid: torch.Tensor, decodable: torch.Tensor,
+            offsets: torch.Tensor, quota: Optional[torch.Tensor]) -> torch.Tensor:
+    """Which candidates to unmask this step (B, m) bool; only ``decodable`` ones can be chosen."""
+    opts, i, steps = state.opts, state.step_in_block, state.steps_in_block
+    if opts.alg == "origin":
+        return origin_transfer(cand_valid, i, steps, opts.eps, state.row_seeds, state.global_step, offsets) & decodable
+    if quota is not None:
+        count = quota[:, i]
+    else:
+        count = linspace_count(cand_valid.sum(1), i, steps, opts.eps)
+    if opts.alg_temp:
+        return select_sampled(conf, decodable, count, opts.alg_temp, state.row_seeds, state.global_step, offsets)
+    return select_top(conf, decodable, count)
+
+
+def _forward(state: DecodeState, strategy: caches.CacheStrategy, plan: caches.StepPlan) -> torch.Tensor:
+    """Run the model on the plan's fed positions (both CFG halves when cfg_scale > 0)."""
+    model, opts = state.model, state.opts
+    ids, positions, key_valid = state.x, state.positions, state.key_valid
+    if opts.cfg_scale > 0:
+        unconditional = ids.clone()
+        unconditional[:, : state.prompt_length] = opts.mask_token_id  # the prompt (pads included) is masked
+        ids = torch.cat([ids, unconditional])
+        positions = torch.cat([positions, positions])
+        key_valid = torch.cat([key_valid, key_valid])
+    kv = None
+    if plan.use_kv:
+        if state.kv is None:
+            state.kv = model.allocate_kv(ids.shape[0], state.length)
+        kv = state.kv
+    hidden = model.partial_forward(ids, positions, key_valid, fed_idx=plan.fed_idx, kv=kv,
+                                   layer_hook=strategy.layer_hook())
+    state.forwards += 1
+    state.full_positions += ids.numel()
+    fed = ids.numel() if plan.fed_idx is None else (plan.fed_idx < state.length).sum() * (ids.shape[0] // state.batch)
+    state.fed_positions = state.fed_positions + fed
+    return hidden
+
+
+def _combine_cfg(state: DecodeState, logits: torch.Tensor) -> torch.Tensor:
+    if state.opts.cfg_scale <= 0:
+        return logits
+    cond, uncond = logits.chunk(2)
+    return uncond + (state.opts.cfg_scale + 1) * (cond - uncond)
+
+
+def _logits_at(state: DecodeState, hidden: torch.Tensor, plan: caches.StepPlan, source: torch.Tensor,
+               cand_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, m, V) computed only at the candidates' source positions.
+
+    A candidate whose source position was not fed this step has no fresh prediction: it is not decodable.
+    """
+    length = state.length
+    if plan.fed_idx is None:
+        slots, decodable = source.clamp(max=length - 1), cand_valid
+    else:
+        slots = slots_of(plan.fed_idx, length).gather(1, source)
+        decodable = cand_valid & (slots >= 0)
+        slots = slots.clamp(min=0)
+    copies = hidden.shape[0] // state.batch
+    slots = slots.repeat(copies, 1)
+    picked = hidden.gather(1, slots[..., None].expand(-1, -1, hidden.shape[-1]))
+    return _combine_cfg(state, state.model.logits_from_hidden(picked)), decodable
+
+
+def _logits_everywhere(state: DecodeState, hidden: torch.Tensor, plan: caches.StepPlan,
+                       cand_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original's (B, L, V) logits (-inf where not fed, shifted for Dream), for hooks and benchmarks.
+
+    Returns (candidate logits (B, m, V), full logits (B, L, V)).
+    """
+    logits = _combine_cfg(state, state.model.logits_from_hidden(hidden))
+    if plan.fed_idx is not None:
+        full = logits.new_full((state.batch, state.length + 1, logits.shape[-1]), float("-inf"))
+        full.scatter_(1, plan.fed_idx[..., None].expand(-1, -1, logits.shape[-1]), logits)
+        logits = full[:, : state.length]
+    if state.family.shift_logits:
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+    if state.opts.generation_logits_hook_func is not None:
+        logits = state.opts.generation_logits_hook_func(state.global_step, state.x, logits)
+    picked = logits.gather(1, cand_pos.clamp(max=state.length - 1)[..., None].expand(-1, -1, logits.shape[-1]))
+    return picked, logits
+
+
+def response_lengths(sequences: torch.Tensor, prompt_length: int, eos_token_id: Optional[int]) -> torch.Tensor:
+    """Generated tokens per row up to (not including) the first EOS: the one rule every tokens/s uses."""
+    generated = sequences[:, prompt_length:]
+    if eos_token_id is None:
+        return torch.full((sequences.shape[0],), generated.shape[1], dtype=torch.long)
+    is_eos = generated == eos_token_id
+    first = torch.where(is_eos.any(1), is_eos.long().argmax(1), generated.shape[1])
+    return first.cpu()
+
+
+def _stats(state: DecodeState, strategy: caches.CacheStrategy, seconds: float) -> dict:
+    tokens = response_lengths(state.x, state.prompt_length, state.opts.eos_token_id)
+    total = int(tokens.sum())
+    forwards = max(state.forwards, 1)
+    fed = int(state.fed_positions)
+    return {
+        "steps": state.global_step,
+        "forwards": state.forwards,
+        "response_tokens": tokens.tolist(),
+        "tokens_per_forward": total / (state.batch * forwards),
+        "fed_positions": fed,
+        "fed_fraction": fed / max(state.full_positions, 1),
+        "wall_time_s": seconds,
+        "tokens_per_s": total / seconds if seconds > 0 else float("nan"),
+        "cache_type": state.opts.cache_type,
+        "block_length": state.opts.block_length or state.opts.max_new_tokens,
+        **strategy.stats(),
+    }

@@ -1,0 +1,33 @@
+"""Turning per-row boolean masks into padded index tensors (the ragged sets every step works with)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def ragged_indices(mask: torch.Tensor, pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions where ``mask`` (B, L) is True, per row in ascending order, padded to the largest row.
+
+    Returns ``(idx (B, n), valid (B, n))``; padding entries hold ``pad_value``. One host sync (for n).
+    """
+    counts = mask.sum(dim=1)
+    n = int(counts.max().item()) if mask.numel() else 0
+    order = torch.sort(mask.logical_not().to(torch.int8), dim=1, stable=True).indices[:, :n]
+    valid = torch.arange(n, device=mask.device)[None, :] < counts[:, None]
+    return torch.where(valid, order, torch.full_like(order, pad_value)), valid
+
+
+def slots_of(fed_idx: torch.Tensor, length: int) -> torch.Tensor:
+    """Inverse of a fed set: (B, L + 1) mapping each position to its slot in ``fed_idx``, or -1 if not fed."""
+    batch, n = fed_idx.shape
+    inverse = torch.full((batch, length + 1), -1, dtype=torch.long, device=fed_idx.device)
+    inverse.scatter_(1, fed_idx, torch.arange(n, device=fed_idx.device).expand(batch, n).contiguous())
+    inverse[:, length] = -1
+    return inverse
+
+
+def scatter_rows(values: torch.Tensor, idx: torch.Tensor, length: int, fill) -> torch.Tensor:
+    """Dense (B, L) tensor with ``values`` (B, m) placed at ``idx`` (B, m); entries equal to ``length`` are dropped."""
+    out = torch.full((values.shape[0], length + 1), fill, dtype=values.dtype, device=values.device)
+    out.scatter_(1, idx, values)
+    return out[:, :length]

@@ -1,0 +1,214 @@
+"""Every argument of ``diffusion_generate``: names, documented defaults, and validation before any compute."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from dkvcache.sampling import ALGS, REMASKING_ALIASES
+
+
+@dataclass
+class GenerationOptions:
+    """Resolved options of one ``diffusion_generate`` call (see the README's API table).
+
+    Defaults that depend on the model family are filled by :func:`resolve_options`:
+      Dream: max_new_tokens 20 (the original's max_length=20 rule), steps 512, alg "origin", one block.
+      LLaDA: gen_length 128, steps 128, alg "maskgit_plus" (= remasking "low_confidence"), block = gen length.
+    The original Dream silently sampled with top_k=50 and temperature 1.0 when they were omitted (legacy
+    transformers config attributes); here omitted means off. To reproduce that behaviour pass
+    ``temperature=1.0, top_k=50``.
+    """
+
+    max_new_tokens: int = 0
+    steps: int = 0
+    eps: float = 1e-3
+    block_length: Optional[int] = None
+    alg: str = "maskgit_plus"
+    temperature: float = 0.0
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    alg_temp: Optional[float] = None
+    cfg_scale: float = 0.0
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+    num_return_sequences: int = 1
+    output_history: bool = False
+    return_dict_in_generate: bool = False
+    mask_token_id: Optional[int] = None
+    pad_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    eot_token_id: Optional[int] = None
+    seed: Any = None
+    generator: Optional[torch.Generator] = None
+    eos_early_stop: bool = False
+    full_logits: bool = False
+    use_cache: bool = False
+    cache_type: str = "none"
+    cache_options: dict = field(default_factory=dict)
+    attention_mask: Optional[torch.Tensor] = None
+    generation_tokens_hook_func: Optional[Callable] = None
+    generation_logits_hook_func: Optional[Callable] = None
+
+
+_FAMILY_DEFAULTS = {
+    "dream": {"max_new_tokens": 20, "steps": 512, "alg": "origin"},
+    "llada": {"max_new_tokens": 128, "steps": 128, "alg": "maskgit_plus"},
+}
+_OPTION_NAMES = {f.name for f in dataclasses.fields(GenerationOptions)} - {"cache_options"}
+_ALIASES = {"gen_length": "max_new_tokens", "remasking": "alg"}
+
+
+def _fail(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"diffusion_generate: {name}={value!r} is invalid; allowed: {allowed}")
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"diffusion_generate: {name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise _fail(name, value, f"an int >= {minimum}")
+
+
+def _check_number(name: str, value: Any, low: float, high: float, allow_none: bool = False,
+                  low_open: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"diffusion_generate: {name} must be a number, got {type(value).__name__} {value!r}")
+    if not (low < value if low_open else low <= value) or value > high:
+        raise _fail(name, value, f"a number in {'(' if low_open else '['}{low}, {high}]")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"diffusion_generate: {name} must be True or False, got {value!r}")
+
+
+def _config_values(generation_config: Any) -> dict:
+    if generation_config is None:
+        return {}
+    if isinstance(generation_config, dict):
+        items = generation_config
+    elif isinstance(generation_config, GenerationOptions):
+        items = dataclasses.asdict(generation_config)
+    else:
+        items = {n: getattr(generation_config, n) for n in _OPTION_NAMES | set(_ALIASES) | {"max_length"}
+                 if hasattr(generation_config, n)}
+    return {k: v for k, v in items.items() if v is not None}
+
+
+def resolve_options(family: str, config: Any, prompt_length: int, generation_config: Any,
+                    kwargs: dict, strategy_options: dict[str, set[str]]) -> GenerationOptions:
+    """Merge family defaults, ``generation_config`` and kwargs; validate everything; raise on any bad argument.
+
+    strategy_options: for every registered cache strategy, the option names it accepts.
+    """
+    merged = dict(_config_values(generation_config))
+    merged.update(kwargs)
+    for alias, name in _ALIASES.items():
+        if alias in merged:
+            value = merged.pop(alias)
+            if alias == "remasking":
+                if value not in REMASKING_ALIASES:
+                    raise _fail("remasking", value, repr(sorted(REMASKING_ALIASES)))
+                value = REMASKING_ALIASES[value]
+            if name in kwargs and kwargs[name] is not None and kwargs[name] != value:
+                raise ValueError(f"diffusion_generate: {alias}={value!r} conflicts with {name}={kwargs[name]!r}")
+            merged.setdefault(name, value)
+    cache_keys = set().union(*strategy_options.values()) if strategy_options else set()
+    unknown = sorted(set(merged) - _OPTION_NAMES - cache_keys - {"max_length"})
+    if unknown:
+        raise ValueError(f"diffusion_generate: unknown argument(s) {unknown}; see GenerationOptions for the "
+                         "allowed names")
+    cache_options = {k: merged.pop(k) for k in list(merged) if k in cache_keys and k not in _OPTION_NAMES}
+    max_length = merged.pop("max_length", None)
+    opts = GenerationOptions(**{k: v for k, v in merged.items() if v is not None})
+    opts.cache_options = cache_options
+    defaults = _FAMILY_DEFAULTS[family]
+    if merged.get("max_new_tokens") is None:
+        if max_length is not None:
+            _check_int("max_length", max_length, 1)
+            if max_length <= prompt_length:
+                raise _fail("max_length", max_length, f"more than the prompt length {prompt_length}")
+            opts.max_new_tokens = max_length - prompt_length
+        else:
+            opts.max_new_tokens = defaults["max_new_tokens"]
+    if merged.get("steps") is None:
+        opts.steps = defaults["steps"]
+    if merged.get("alg") is None:
+        opts.alg = defaults["alg"]
+    for name in ("mask_token_id", "pad_token_id", "eos_token_id"):
+        if getattr(opts, name) is None:
+            setattr(opts, name, getattr(config, name, None))
+    if opts.eot_token_id is None and family == "llada" and config.vocab_size > 126348:
+        opts.eot_token_id = 126348  # LLaDA-8B's <|eot_id|>
+    _validate(opts, strategy_options)
+    return opts
+
+
+def _validate(opts: GenerationOptions, strategy_options: dict[str, set[str]]) -> None:
+    _check_int("max_new_tokens", opts.max_new_tokens, 1)
+    _check_int("steps", opts.steps, 1)
+    _check_number("eps", opts.eps, 0.0, 1.0, low_open=True)
+    _check_int("block_length", opts.block_length, 1, allow_none=True)
+    if opts.alg not in ALGS:
+        raise _fail("alg", opts.alg, repr(list(ALGS)) + " (or remasking in ['low_confidence', 'random'])")
+    _check_number("temperature", opts.temperature, 0.0, float("inf"))
+    _check_number("top_p", opts.top_p, 0.0, 1.0, allow_none=True, low_open=True)
+    _check_int("top_k", opts.top_k, 1, allow_none=True)
+    _check_number("alg_temp", opts.alg_temp, 0.0, float("inf"), allow_none=True)
+    _check_number("cfg_scale", opts.cfg_scale, 0.0, float("inf"))
+    _check_int("num_return_sequences", opts.num_return_sequences, 1)
+    for name in ("logits_eos_inf", "confidence_eos_eot_inf", "output_history", "return_dict_in_generate",
+                 "eos_early_stop", "full_logits", "use_cache"):
+        _check_bool(name, getattr(opts, name))
+    if opts.mask_token_id is None:
+        raise ValueError("diffusion_generate: mask_token_id is unknown; set it in the model config or pass it")
+    _check_int("mask_token_id", opts.mask_token_id, 0)
+    if opts.pad_token_id is not None and opts.pad_token_id == opts.mask_token_id:
+        raise ValueError("diffusion_generate: pad_token_id equals mask_token_id; pads would be regenerated")
+    if (opts.logits_eos_inf or opts.confidence_eos_eot_inf) and opts.eos_token_id is None:
+        raise ValueError("diffusion_generate: logits_eos_inf / confidence_eos_eot_inf need eos_token_id")
+    if opts.eos_early_stop and opts.eos_token_id is None:
+        raise ValueError("diffusion_generate: eos_early_stop needs eos_token_id")
+    if opts.block_length is not None:
+        if opts.max_new_tokens % opts.block_length:
+            raise _fail("block_length", opts.block_length, f"a divisor of max_new_tokens={opts.max_new_tokens}")
+        blocks = opts.max_new_tokens // opts.block_length
+        if opts.steps % blocks:
+            raise _fail("steps", opts.steps, f"a multiple of the number of blocks ({blocks})")
+    for name in ("generation_tokens_hook_func", "generation_logits_hook_func"):
+        hook = getattr(opts, name)
+        if hook is not None and not callable(hook):
+            raise TypeError(f"diffusion_generate: {name} must be callable, got {type(hook).__name__}")
+    if opts.generator is not None and not isinstance(opts.generator, torch.Generator):
+        raise TypeError(f"diffusion_generate: generator must be a torch.Generator, got {type(opts.generator).__name__}")
+    if opts.seed is not None and not isinstance(opts.seed, (int, list, tuple)):
+        raise TypeError(f"diffusion_generate: seed must be an int or a list of ints, got {opts.seed!r}")
+    _validate_cache(opts, strategy_options)
+
+
+def _validate_cache(opts: GenerationOptions, strategy_options: dict[str, set[str]]) -> None:
+    if not opts.use_cache:
+        if opts.cache_type not in ("none", None):
+            raise ValueError(f"diffusion_generate: cache_type={opts.cache_type!r} needs use_cache=True")
+        opts.cache_type = "none"
+    elif opts.cache_type in ("none", None):
+        cached = sorted(n for n in strategy_options if n != "none")
+        if not cached:
+            raise ValueError("diffusion_generate: use_cache=True but no cache strategy is registered yet")
+        opts.cache_type = cached[0] if "decoded" not in cached else "decoded"
+    if opts.cache_type not in strategy_options:
+        raise _fail("cache_type", opts.cache_type, repr(sorted(strategy_options)))
+    accepted = strategy_options[opts.cache_type]
+    stray = sorted(set(opts.cache_options) - accepted)
+    if stray:
+        owners = {k: sorted(n for n, names in strategy_options.items() if k in names) for k in stray}
+        raise ValueError(f"diffusion_generate: {stray} do not apply to cache_type={opts.cache_type!r} "
+                         f"(they belong to {owners})")

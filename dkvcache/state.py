@@ -1,0 +1,55 @@
+"""The mutable state of one ``diffusion_generate`` call, shared by the loop and the cache strategy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from dkvcache.options import GenerationOptions
+from dkvcache.sampling import Family
+
+
+@dataclass
+class DecodeState:
+    """Sequences being denoised plus what a strategy needs to plan a step.
+
+    x (B, L): prompt (left-padded) then the generated region [prompt_length, L).
+    positions (B, L): rotary positions (left padding shifts them per row). key_valid (B, L): not a pad.
+    Blocks: the loop sets block_start/block_end (absolute positions), step_in_block and steps_in_block.
+    """
+
+    model: Any
+    family: Family
+    opts: GenerationOptions
+    x: torch.Tensor
+    positions: torch.Tensor
+    key_valid: torch.Tensor
+    prompt_length: int
+    row_seeds: torch.Tensor
+    block_start: int = 0
+    block_end: int = 0
+    step_in_block: int = 0
+    steps_in_block: int = 0
+    global_step: int = 0
+    kv: Optional[Any] = None
+    forwards: int = 0
+    full_positions: int = 0
+    fed_positions: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+
+    @property
+    def batch(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def mask_id(self) -> int:
+        return self.opts.mask_token_id
+
+    def masked(self) -> torch.Tensor:
+        """(B, L) bool: positions still holding the MASK token."""
+        return self.x == self.opts.mask_token_id

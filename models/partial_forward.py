@@ -1,0 +1,250 @@
+"""The building blocks shared by the Dream and LLaDA models: RMSNorm, rotary embeddings and the partial forward.
+
+A *partial forward* runs the transformer over a per-row subset of positions ("fed" positions) while every layer
+reads the keys/values of all other positions from preallocated buffers. Strategies (caches) decide which
+positions are fed; this module only knows how to run them. See the README's design section.
+
+Numerics: norms and rotary embeddings are computed in ``promote(model dtype, float32)``. For bf16/fp32 models this
+is exactly what the original Dream/LLaDA code does; float64 models stay float64 throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype norms and rotary embeddings are computed in: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm without bias (Qwen2 / OLMo style)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        dtype = hidden.dtype
+        h = hidden.to(compute_dtype(dtype))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (…, head_dim) for integer positions, half-split (NeoX) layout, in float32.
+
+    Float32 like the originals: the angles themselves are the reference's, whatever the model dtype.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.to(torch.float32)[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate_in_model_dtype: bool) -> torch.Tensor:
+    """Rotate ``x`` (B, H, n, D) by cos/sin (B, 1, n, D).
+
+    ``rotate_in_model_dtype=True`` is Dream's rule (cos/sin cast to the model dtype, rotation in that dtype);
+    ``False`` is LLaDA's rule (rotation in float32 or better, cast back).
+    """
+    dtype = x.dtype
+    work = dtype if rotate_in_model_dtype else compute_dtype(dtype)
+    cos, sin, xw = cos.to(work), sin.to(work), x.to(work)
+    return ((xw * cos) + (_rotate_half(xw) * sin)).to(dtype)
+
+
+class KVBuffers:
+    """Per-layer post-RoPE key/value buffers of shape (B, n_kv_heads, L + 1, head_dim).
+
+    Slot ``L`` is a scratch slot: padded entries of a ragged fed set write there, and its key is never attended.
+    Keys are stored after rotation because positions never move, so rotating once is exact.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, length: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        shape = (batch, n_kv_heads, length + 1, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.length = length
+
+    @property
+    def scratch_index(self) -> int:
+        return self.length
+
+    def write(self, layer: int, fed_idx: Optional[torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store fresh k/v (B, Hkv, n, D) at positions ``fed_idx`` (B, n); ``None`` means all L positions."""
+        if fed_idx is None:
+            self.keys[layer][:, :, : self.length] = k
+            self.values[layer][:, :, : self.length] = v
+            return
+        index = fed_idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+        self.keys[layer].scatter_(2, index, k)
+        self.values[layer].scatter_(2, index, v)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (used when finished rows leave the batch)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+
+
+# A per-layer override: (layer index, layer module, hidden (B, n, d), context) -> new hidden. Strategies that need
+# more than "one fed subset through every layer" (dLLM-Cache) install one; everything else uses `layer_forward`.
+LayerHook = Callable[[int, nn.Module, torch.Tensor, "ForwardContext"], torch.Tensor]
+
+
+@dataclass
+class ForwardContext:
+    """Everything a layer needs for one (partial) forward.
+
+    positions:  (B, n) rotary positions of the fed tokens.
+    fed_idx:    (B, n) sequence positions of the fed tokens, or None when every position is fed in order.
+    key_valid:  (B, Lk) which keys may be attended (Lk = L + 1 with buffers, n without).
+    kv:         buffers to write fresh K/V into and attend over; None = attend over the fed tokens only.
+    want_attn_probs: record softmax attention probabilities of the fed queries (per layer, (B, H, n, Lk)).
+    """
+
+    positions: torch.Tensor
+    fed_idx: Optional[torch.Tensor]
+    key_valid: torch.Tensor
+    kv: Optional[KVBuffers] = None
+    layer_hook: Optional[LayerHook] = None
+    want_attn_probs: bool = False
+    attn_probs: list = field(default_factory=list)
+    cos: Optional[torch.Tensor] = None
+    sin: Optional[torch.Tensor] = None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor,
+              want_probs: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Bidirectional attention of q (B, H, n, D) over k/v (B, Hkv, Lk, D) with a key-padding mask (B, Lk).
+
+    Only keys are masked, never query rows, so no row is ever fully masked (no NaN from pad rows).
+    With ``want_probs`` the probabilities are computed explicitly for these queries (d2Cache's rollout needs
+    them); otherwise SDPA runs, with GQA handled by the kernel instead of repeating K/V heads.
+    """
+    mask = key_valid[:, None, None, :]
+    if not want_probs:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        return out, None
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / (q.shape[-1] ** 0.5)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return probs @ v, probs
+
+
+def attention_sublayer(layer: nn.Module, normed: torch.Tensor, ctx: ForwardContext, index: int) -> torch.Tensor:
+    """Attention of one layer for the fed tokens: project, rotate, store K/V, attend, project out."""
+    batch, n, _ = normed.shape
+    q, k, v = layer.project_qkv(normed)
+    q = q.view(batch, n, -1, layer.head_dim).transpose(1, 2)
+    k = k.view(batch, n, -1, layer.head_dim).transpose(1, 2)
+    v = v.view(batch, n, -1, layer.head_dim).transpose(1, 2)
+    cos, sin = ctx.cos[:, None], ctx.sin[:, None]
+    q = apply_rotary(q, cos, sin, layer.rotate_in_model_dtype)
+    k = apply_rotary(k, cos, sin, layer.rotate_in_model_dtype)
+    if ctx.kv is not None:
+        ctx.kv.write(index, ctx.fed_idx, k, v)
+        k, v = ctx.kv.keys[index], ctx.kv.values[index]
+    out, probs = attention(q, k, v, ctx.key_valid, ctx.want_attn_probs)
+    if probs is not None:
+        ctx.attn_probs.append(probs)
+    out = out.transpose(1, 2).reshape(batch, n, -1)
+    return layer.project_out(out)
+
+
+def layer_forward(layer: nn.Module, hidden: torch.Tensor, ctx: ForwardContext, index: int) -> torch.Tensor:
+    """The standard pre-norm block: h += Attn(norm1(h)); h += MLP(norm2(h))."""
+    hidden = hidden + attention_sublayer(layer, layer.attn_norm(hidden), ctx, index)
+    return hidden + layer.mlp(layer.mlp_norm(hidden))
+
+
+def run_layers(layers: nn.ModuleList, hidden: torch.Tensor, ctx: ForwardContext, head_dim: int,
+               theta: float) -> torch.Tensor:
+    """Run every layer over the fed tokens; a strategy's layer hook replaces the standard block when set."""
+    ctx.cos, ctx.sin = rotary_cos_sin(ctx.positions, head_dim, theta)
+    for index, layer in enumerate(layers):
+        if ctx.layer_hook is not None:
+            hidden = ctx.layer_hook(index, layer, hidden, ctx)
+        else:
+            hidden = layer_forward(layer, hidden, ctx, index)
+    return hidden
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-row positions for a left-padded batch: real tokens count from 0, pads get 0 (they are never attended)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class PartialForwardMixin:
+    """Gives a model (with ``embed``, ``layers``, ``final_norm``, ``lm_head_module``) the two forwards of dkvcache.
+
+    Subclasses provide: ``_embed(ids)``, ``_layers()``, ``_final_norm(h)``, ``_lm_head(h)``, ``_rope_theta``,
+    ``_head_dim``, ``_n_kv_heads``.
+    """
+
+    def allocate_kv(self, batch: int, length: int) -> KVBuffers:
+        """Buffers for a partial forward over sequences of ``length`` positions."""
+        param = next(self.parameters())
+        return KVBuffers(len(self._layers()), batch, self._n_kv_heads, length, self._head_dim,
+                         param.device, param.dtype)
+
+    def partial_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+                        fed_idx: Optional[torch.Tensor] = None, kv: Optional[KVBuffers] = None,
+                        layer_hook: Optional[LayerHook] = None, want_attn_probs: bool = False,
+                        attn_probs_out: Optional[list] = None) -> torch.Tensor:
+        """Run the fed positions through the model; return their hidden states before the final norm.
+
+        input_ids, positions, key_valid: (B, L) for the whole sequence.
+        fed_idx: (B, n) positions to feed; padding entries must equal ``L`` (the scratch slot). None = all.
+        kv: K/V buffers (from ``allocate_kv``). Fresh K/V of fed positions are written there and every query
+            attends over all buffered keys. None = a plain forward over the fed tokens only (needs fed_idx=None).
+        Returns (B, n, hidden) or (B, L, hidden).
+        """
+        length = input_ids.shape[1]
+        if fed_idx is None:
+            ids, pos = input_ids, positions
+        else:
+            if kv is None:
+                raise ValueError("partial_forward: fed_idx needs kv buffers (pass kv=model.allocate_kv(...))")
+            gather_idx = fed_idx.clamp(max=length - 1)
+            ids, pos = input_ids.gather(1, gather_idx), positions.gather(1, gather_idx)
+        if kv is not None:
+            keys_ok = torch.cat([key_valid, key_valid.new_zeros(key_valid.shape[0], 1)], dim=1)
+        else:
+            keys_ok = key_valid
+        ctx = ForwardContext(positions=pos, fed_idx=fed_idx, key_valid=keys_ok, kv=kv, layer_hook=layer_hook,
+                             want_attn_probs=want_attn_probs)
+        hidden = run_layers(self._layers(), self._embed(ids), ctx, self._head_dim, self._rope_theta)
+        if attn_probs_out is not None:
+            attn_probs_out.extend(ctx.attn_probs)
+        return hidden
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head on the given hidden states only (the sampler asks for the few rows it needs)."""
+        return self._lm_head(self._final_norm(hidden))
+
+    def _plain_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                      position_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.bool()
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
+        hidden = self.partial_forward(input_ids, position_ids, attention_mask)
+        return self.logits_from_hidden(hidden)

