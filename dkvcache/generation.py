@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from transformers.utils import ModelOutput
@@ -37,16 +37,16 @@ class DiffusionOutput(ModelOutput):
     stats: steps, forwards, tokens per forward, fed fraction, wall time, tokens/s … (see README).
     """
 
-    sequences: Optional[torch.Tensor] = None
-    history: Optional[list] = None
-    stats: Optional[dict] = None
+    sequences: torch.Tensor | None = None
+    history: list | None = None
+    stats: dict | None = None
 
 
 class DiffusionGenerationMixin:
     """Adds ``diffusion_generate`` to a model implementing ``PartialForwardMixin`` and ``diffusion_family``."""
 
     @torch.no_grad()
-    def diffusion_generate(self, inputs: Optional[torch.Tensor] = None, generation_config: Any = None,
+    def diffusion_generate(self, inputs: torch.Tensor | None = None, generation_config: Any = None,
                            **kwargs: Any) -> torch.Tensor | DiffusionOutput:
         """Denoise ``max_new_tokens`` MASK tokens after the (left-padded) prompt ``inputs`` (B, P).
 
@@ -79,7 +79,7 @@ def _check_inputs(inputs: Any, attention_mask: Any) -> None:
 
 
 def _build_state(model: Any, family, opts: GenerationOptions, inputs: torch.Tensor,
-                 attention_mask: Optional[torch.Tensor]) -> DecodeState:
+                 attention_mask: torch.Tensor | None) -> DecodeState:
     device = model.device
     inputs = inputs.to(device)
     if opts.num_return_sequences > 1:
@@ -103,7 +103,7 @@ def _build_state(model: Any, family, opts: GenerationOptions, inputs: torch.Tens
                        prompt_length=prompt_length, row_seeds=seeds)
 
 
-def generate(model: Any, inputs: Optional[torch.Tensor], generation_config: Any = None,
+def generate(model: Any, inputs: torch.Tensor | None, generation_config: Any = None,
              **kwargs: Any) -> torch.Tensor | DiffusionOutput:
     """Function form of :meth:`DiffusionGenerationMixin.diffusion_generate`."""
     if inputs is None:
@@ -169,7 +169,7 @@ def _all_rows_ended(state: DecodeState, block_end: int) -> bool:
     return bool((region == state.opts.eos_token_id).any(dim=1).all())
 
 
-def _step(state: DecodeState, strategy: caches.CacheStrategy, quota: Optional[torch.Tensor]) -> bool:
+def _step(state: DecodeState, strategy: caches.CacheStrategy, quota: torch.Tensor | None) -> bool:
     """One denoising step of the current block. Returns False when the block has nothing left to decode."""
     opts, length = state.opts, state.length
     candidates = state.masked()
@@ -193,11 +193,13 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, quota: Optional[to
         logits, decodable = _logits_at(state, hidden, plan, source, cand_valid)
 
     offsets = (cand_pos - state.prompt_length).clamp(min=0)
-    push_last = [t for t in (opts.eos_token_id, opts.eot_token_id) if t is not None] if opts.confidence_eos_eot_inf else []
+    push_last = []
+    if opts.confidence_eos_eot_inf:
+        push_last = [t for t in (opts.eos_token_id, opts.eot_token_id) if t is not None]
     x0, conf = propose_tokens(
         logits, family=state.family, alg=opts.alg, temperature=opts.temperature, top_p=opts.top_p,
         top_k=opts.top_k, row_seeds=state.row_seeds, step=state.global_step, offsets=offsets,
-        banned_ids=[opts.eos_token_id] if opts.logits_eos_inf else [], push_last_ids=push_last)
+        banned_ids=_banned_ids(opts), push_last_ids=push_last)
     transfer = _choose(state, conf, cand_valid, decodable, offsets, quota)
 
     x_before = state.x.clone()
@@ -210,8 +212,14 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, quota: Optional[to
     return True
 
 
+def _banned_ids(opts: GenerationOptions) -> list[int]:
+    """Tokens never proposed: MASK itself (writing it would leave a "decoded" position masked; the originals
+    allow it, it only shows on untrained weights) and EOS under ``logits_eos_inf``."""
+    return [opts.mask_token_id] + ([opts.eos_token_id] if opts.logits_eos_inf else [])
+
+
 def _choose(state: DecodeState, conf: torch.Tensor, cand_valid: torch.Tensor, decodable: torch.Tensor,
-            offsets: torch.Tensor, quota: Optional[torch.Tensor]) -> torch.Tensor:
+            offsets: torch.Tensor, quota: torch.Tensor | None) -> torch.Tensor:
     """Which candidates to unmask this step (B, m) bool; only ``decodable`` ones can be chosen."""
     opts, i, steps = state.opts, state.step_in_block, state.steps_in_block
     if opts.alg == "origin":
@@ -294,7 +302,7 @@ def _logits_everywhere(state: DecodeState, hidden: torch.Tensor, plan: caches.St
     return picked, logits
 
 
-def response_lengths(sequences: torch.Tensor, prompt_length: int, eos_token_id: Optional[int]) -> torch.Tensor:
+def response_lengths(sequences: torch.Tensor, prompt_length: int, eos_token_id: int | None) -> torch.Tensor:
     """Generated tokens per row up to (not including) the first EOS: the one rule every tokens/s uses."""
     generated = sequences[:, prompt_length:]
     if eos_token_id is None:

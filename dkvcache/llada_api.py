@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -10,9 +10,9 @@ from dkvcache.generation import generate as _generate
 
 
 @torch.no_grad()
-def generate(model: Any, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, steps: int = 128,
+def generate(model: Any, prompt: torch.Tensor, attention_mask: torch.Tensor | None = None, steps: int = 128,
              gen_length: int = 128, block_length: int = 128, temperature: float = 0.0, cfg_scale: float = 0.0,
-             remasking: str = "low_confidence", mask_id: Optional[int] = None, logits_eos_inf: bool = False,
+             remasking: str = "low_confidence", mask_id: int | None = None, logits_eos_inf: bool = False,
              confidence_eos_eot_inf: bool = False, **kwargs: Any) -> torch.Tensor:
     """``generate(model, prompt, steps, gen_length, block_length, temperature, cfg_scale, remasking, mask_id)``
     as in ML-GSAI/LLaDA's generate.py; returns x (B, P + gen_length).

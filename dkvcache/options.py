@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -26,32 +27,32 @@ class GenerationOptions:
     max_new_tokens: int = 0
     steps: int = 0
     eps: float = 1e-3
-    block_length: Optional[int] = None
+    block_length: int | None = None
     alg: str = "maskgit_plus"
     temperature: float = 0.0
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    alg_temp: Optional[float] = None
+    top_p: float | None = None
+    top_k: int | None = None
+    alg_temp: float | None = None
     cfg_scale: float = 0.0
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False
     num_return_sequences: int = 1
     output_history: bool = False
     return_dict_in_generate: bool = False
-    mask_token_id: Optional[int] = None
-    pad_token_id: Optional[int] = None
-    eos_token_id: Optional[int] = None
-    eot_token_id: Optional[int] = None
+    mask_token_id: int | None = None
+    pad_token_id: int | None = None
+    eos_token_id: int | None = None
+    eot_token_id: int | None = None
     seed: Any = None
-    generator: Optional[torch.Generator] = None
+    generator: torch.Generator | None = None
     eos_early_stop: bool = False
     full_logits: bool = False
     use_cache: bool = False
     cache_type: str = "none"
     cache_options: dict = field(default_factory=dict)
-    attention_mask: Optional[torch.Tensor] = None
-    generation_tokens_hook_func: Optional[Callable] = None
-    generation_logits_hook_func: Optional[Callable] = None
+    attention_mask: torch.Tensor | None = None
+    generation_tokens_hook_func: Callable | None = None
+    generation_logits_hook_func: Callable | None = None
 
 
 _FAMILY_DEFAULTS = {

@@ -11,8 +11,8 @@ padded across rows with a validity mask. Confidence definitions (higher = decode
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
@@ -44,7 +44,7 @@ LLADA = Family("llada", shift_logits=False, schedule="quota", llada_confidence=T
 FAMILIES = {"dream": DREAM, "llada": LLADA}
 
 
-def filter_logits(logits: torch.Tensor, top_p: Optional[float], top_k: Optional[int]) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_p: float | None, top_k: int | None) -> torch.Tensor:
     """Nucleus (top_p < 1) then top-k filtering; removed entries get the dtype's most negative value."""
     lowest = torch.finfo(logits.dtype).min
     if top_p is not None and top_p < 1:
@@ -75,8 +75,8 @@ def propose_tokens(
     family: Family,
     alg: str,
     temperature: float,
-    top_p: Optional[float],
-    top_k: Optional[int],
+    top_p: float | None,
+    top_k: int | None,
     row_seeds: torch.Tensor,
     step: int,
     offsets: torch.Tensor,
@@ -125,7 +125,8 @@ def select_top(conf: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torc
     """Per row, the ``k[b]`` most confident valid candidates (ties: leftmost first). Returns (B, m) bool."""
     conf = conf.masked_fill(~valid, float("-inf"))
     order = torch.sort(conf, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(conf.shape[1], device=conf.device).expand_as(order).contiguous())
+    ranks = torch.arange(conf.shape[1], device=conf.device).expand_as(order).contiguous()
+    rank = torch.empty_like(order).scatter_(1, order, ranks)
     return (rank < k[:, None]) & valid
 
 

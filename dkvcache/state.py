@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -33,7 +33,7 @@ class DecodeState:
     step_in_block: int = 0
     steps_in_block: int = 0
     global_step: int = 0
-    kv: Optional[Any] = None
+    kv: Any | None = None
     forwards: int = 0
     full_positions: int = 0
     fed_positions: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from transformers import PreTrainedConfig
 
@@ -24,7 +24,7 @@ class DreamConfig(PreTrainedConfig):
         intermediate_size: int = 22016,
         num_hidden_layers: int = 32,
         num_attention_heads: int = 32,
-        num_key_value_heads: Optional[int] = 32,
+        num_key_value_heads: int | None = 32,
         hidden_act: str = "silu",
         max_position_embeddings: int = 32768,
         initializer_range: float = 0.02,
@@ -32,9 +32,9 @@ class DreamConfig(PreTrainedConfig):
         use_cache: bool = False,
         tie_word_embeddings: bool = False,
         rope_theta: float = 10000.0,
-        rope_scaling: Optional[dict[str, Any]] = None,
+        rope_scaling: dict[str, Any] | None = None,
         use_sliding_window: bool = False,
-        sliding_window: Optional[int] = 4096,
+        sliding_window: int | None = 4096,
         max_window_layers: int = 28,
         attention_dropout: float = 0.0,
         mask_token_id: int = 151666,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from transformers import PreTrainedConfig
 
@@ -23,14 +23,14 @@ class LLaDAConfig(PreTrainedConfig):
         self,
         d_model: int = 4096,
         n_heads: int = 32,
-        n_kv_heads: Optional[int] = None,
+        n_kv_heads: int | None = None,
         n_layers: int = 32,
         mlp_ratio: int = 4,
-        mlp_hidden_size: Optional[int] = 12288,
+        mlp_hidden_size: int | None = 12288,
         activation_type: str = "silu",
         block_type: str = "llama",
         vocab_size: int = 126464,
-        embedding_size: Optional[int] = 126464,
+        embedding_size: int | None = 126464,
         max_sequence_length: int = 4096,
         rope: bool = True,
         rope_theta: float = 500000.0,
@@ -44,13 +44,13 @@ class LLaDAConfig(PreTrainedConfig):
         weight_tying: bool = False,
         scale_logits: bool = False,
         input_emb_norm: bool = False,
-        multi_query_attention: Optional[bool] = None,
+        multi_query_attention: bool | None = None,
         block_group_size: int = 1,
         init_std: float = 0.02,
         mask_token_id: int = 126336,
         eos_token_id: int = 126081,
         pad_token_id: int = 126081,
-        bos_token_id: Optional[int] = None,
+        bos_token_id: int | None = None,
         use_cache: bool = False,
         **kwargs: Any,
     ) -> None:

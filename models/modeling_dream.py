@@ -11,7 +11,7 @@ Parameter names are exactly the Hub's (``model.layers.{i}.self_attn.q_proj.weigh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +98,7 @@ class DreamBaseModel(DreamPreTrainedModel):
 class DreamModelOutput(ModelOutput):
     """Output of the plain forward: logits (B, L, V) at every position (position j predicts token j+1)."""
 
-    logits: Optional[torch.Tensor] = None
+    logits: torch.Tensor | None = None
 
 
 class DreamModel(DreamPreTrainedModel, PartialForwardMixin, DiffusionGenerationMixin):
@@ -147,8 +147,8 @@ class DreamModel(DreamPreTrainedModel, PartialForwardMixin, DiffusionGenerationM
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None, **kwargs: Any) -> DreamModelOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **kwargs: Any) -> DreamModelOutput:
         """Plain bidirectional forward; differentiable. ``attention_mask`` (B, L) 0/1 hides pad keys and, when
         ``position_ids`` is None, shifts positions so a left-padded row sees the same positions as unpadded."""
         return DreamModelOutput(logits=self._plain_logits(input_ids, attention_mask, position_ids))

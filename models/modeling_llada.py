@@ -11,7 +11,7 @@ Parameter names are the Hub's: ``model.transformer.wte.weight``, ``model.transfo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +84,7 @@ class LLaDAModel(nn.Module):
 class LLaDAOutput(ModelOutput):
     """Output of the plain forward: logits (B, L, V); position j predicts token j (no shift)."""
 
-    logits: Optional[torch.Tensor] = None
+    logits: torch.Tensor | None = None
 
 
 class LLaDAModelLM(LLaDAPreTrainedModel, PartialForwardMixin, DiffusionGenerationMixin):
@@ -131,11 +131,11 @@ class LLaDAModelLM(LLaDAPreTrainedModel, PartialForwardMixin, DiffusionGeneratio
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.transformer["wte"] = value
 
-    def get_output_embeddings(self) -> Optional[nn.Linear]:
+    def get_output_embeddings(self) -> nn.Linear | None:
         return None if self.config.weight_tying else self.model.transformer["ff_out"]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None, **kwargs: Any) -> LLaDAOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **kwargs: Any) -> LLaDAOutput:
         """Plain bidirectional forward; differentiable. With ``attention_mask=None`` every token is attended and
         positions are 0..L-1, as in the original; with a mask, pad keys are hidden and positions start at each
         row's first real token."""

@@ -10,8 +10,8 @@ is exactly what the original Dream/LLaDA code does; float64 models stay float64 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +84,7 @@ class KVBuffers:
     def scratch_index(self) -> int:
         return self.length
 
-    def write(self, layer: int, fed_idx: Optional[torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, layer: int, fed_idx: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store fresh k/v (B, Hkv, n, D) at positions ``fed_idx`` (B, n); ``None`` means all L positions."""
         if fed_idx is None:
             self.keys[layer][:, :, : self.length] = k
@@ -117,18 +117,18 @@ class ForwardContext:
     """
 
     positions: torch.Tensor
-    fed_idx: Optional[torch.Tensor]
+    fed_idx: torch.Tensor | None
     key_valid: torch.Tensor
-    kv: Optional[KVBuffers] = None
-    layer_hook: Optional[LayerHook] = None
+    kv: KVBuffers | None = None
+    layer_hook: LayerHook | None = None
     want_attn_probs: bool = False
     attn_probs: list = field(default_factory=list)
-    cos: Optional[torch.Tensor] = None
-    sin: Optional[torch.Tensor] = None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor,
-              want_probs: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+              want_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Bidirectional attention of q (B, H, n, D) over k/v (B, Hkv, Lk, D) with a key-padding mask (B, Lk).
 
     Only keys are masked, never query rows, so no row is ever fully masked (no NaN from pad rows).
@@ -205,9 +205,9 @@ class PartialForwardMixin:
                          param.device, param.dtype)
 
     def partial_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
-                        fed_idx: Optional[torch.Tensor] = None, kv: Optional[KVBuffers] = None,
-                        layer_hook: Optional[LayerHook] = None, want_attn_probs: bool = False,
-                        attn_probs_out: Optional[list] = None) -> torch.Tensor:
+                        fed_idx: torch.Tensor | None = None, kv: KVBuffers | None = None,
+                        layer_hook: LayerHook | None = None, want_attn_probs: bool = False,
+                        attn_probs_out: list | None = None) -> torch.Tensor:
         """Run the fed positions through the model; return their hidden states before the final norm.
 
         input_ids, positions, key_valid: (B, L) for the whole sequence.
@@ -239,8 +239,8 @@ class PartialForwardMixin:
         """Final norm + LM head on the given hidden states only (the sampler asks for the few rows it needs)."""
         return self._lm_head(self._final_norm(hidden))
 
-    def _plain_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                      position_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    def _plain_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      position_ids: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()

@@ -8,7 +8,7 @@ per-layer decision install a layer hook (see ``models.partial_forward.LayerHook`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Optional
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -26,7 +26,7 @@ class StepPlan:
     refresh: this step recomputes everything the cache holds (counted in ``stats``).
     """
 
-    fed_idx: Optional[torch.Tensor] = None
+    fed_idx: torch.Tensor | None = None
     use_kv: bool = False
     refresh: bool = False
 
@@ -45,17 +45,17 @@ class CacheStrategy:
     def check(cls, options: dict, family: str, opts) -> None:
         """Validate this strategy's options (raise ValueError/TypeError) before any compute."""
 
-    def begin(self, state: "DecodeState") -> None:
+    def begin(self, state: DecodeState) -> None:
         """Called once per generate call, after the state is built."""
 
-    def begin_block(self, state: "DecodeState") -> None:
+    def begin_block(self, state: DecodeState) -> None:
         """Called at the start of every block (``state.block_start``/``block_end`` are set)."""
 
-    def plan(self, state: "DecodeState") -> StepPlan:
+    def plan(self, state: DecodeState) -> StepPlan:
         """Which positions to feed at ``state.step_in_block``."""
         return StepPlan()
 
-    def after_step(self, state: "DecodeState", x_before: torch.Tensor) -> None:
+    def after_step(self, state: DecodeState, x_before: torch.Tensor) -> None:
         """Bookkeeping once the step's tokens are written into ``state.x``."""
 
     def layer_hook(self):
