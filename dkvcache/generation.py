@@ -200,6 +200,9 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, quota: torch.Tenso
         logits, family=state.family, alg=opts.alg, temperature=opts.temperature, top_p=opts.top_p,
         top_k=opts.top_k, row_seeds=state.row_seeds, step=state.global_step, offsets=offsets,
         banned_ids=_banned_ids(opts), push_last_ids=push_last)
+    override = strategy.confidence(state, cand_pos)
+    if override is not None:
+        conf = override
     transfer = _choose(state, conf, cand_valid, decodable, offsets, quota)
 
     x_before = state.x.clone()

@@ -60,7 +60,9 @@ _FAMILY_DEFAULTS = {
     "llada": {"max_new_tokens": 128, "steps": 128, "alg": "maskgit_plus"},
 }
 _OPTION_NAMES = {f.name for f in dataclasses.fields(GenerationOptions)} - {"cache_options"}
-_ALIASES = {"gen_length": "max_new_tokens", "remasking": "alg"}
+# The originals' names: LLaDA's gen_length / remasking, dKV-Cache's LLaDA enable_cache / cache_reloading_step.
+_ALIASES = {"gen_length": "max_new_tokens", "remasking": "alg", "enable_cache": "use_cache",
+            "cache_reloading_step": "cache_steps"}
 
 
 def _fail(name: str, value: Any, allowed: str) -> ValueError:

@@ -9,31 +9,43 @@ import torch
 
 from tests.conftest import PARITY_DIR
 
-# Tags we do not compare token for token: `rng` results depend on consuming torch's global generator exactly
-# like the reference (we draw noise per row, by design); `quirk` ones are reference bugs we fix.
+# Not compared token for token: `quirk` settings are reference bugs we fix (Dream's broken 'right' shift), and
+# `rng` settings depend on consuming torch's global generator exactly like the reference, while we draw noise
+# per row by design — except greedy, whose only randomness is the per-block order the fixtures record.
 EXCLUDED_TAGS = {"rng", "quirk"}
+PARITY_TAGS = ("vanilla", "decoded", "prefill", "pd", "greedy")
 
 
 def load_reference(kind: str) -> dict:
     return json.loads((PARITY_DIR / f"ref-{kind}.json").read_text())
 
 
-def settings(kind: str, tag: str) -> list[dict]:
-    """Settings of ``kind`` carrying ``tag``, where the reference ran and the result is comparable."""
-    path = PARITY_DIR / f"ref-{kind}.json"
-    if not path.exists():
-        return []
-    return [s for s in load_reference(kind)["settings"]
-            if tag in s["tags"] and s["status"] == "ok" and not EXCLUDED_TAGS & set(s["tags"])]
+def _comparable(setting: dict) -> bool:
+    if setting["status"] != "ok" or "quirk" in setting["tags"]:
+        return False
+    return "rng" not in setting["tags"] or bool(setting.get("greedy_block_orders"))
 
 
-def run_setting(model, reference: dict, setting: dict) -> torch.Tensor:
+def cases() -> list[tuple[str, dict]]:
+    """(model kind, setting) for every comparable setting of the fixtures (empty without ../shared)."""
+    out = []
+    for kind in ("dream", "llada"):
+        if (PARITY_DIR / f"ref-{kind}.json").exists():
+            out += [(kind, s) for s in load_reference(kind)["settings"]
+                    if _comparable(s) and set(PARITY_TAGS) & set(s["tags"])]
+    return out
+
+
+def run_setting(model, reference: dict, setting: dict):
+    """Our DiffusionOutput for a fixture setting (greedy gets the recorded per-block orders injected)."""
     batch = reference["batches"][setting["batch"]]
     ids = torch.tensor(batch["input_ids"])
     mask = torch.tensor(batch["attention_mask"]) if setting["api_attention_mask"] else None
+    kwargs = dict(setting["api_kwargs"], return_dict_in_generate=True)
+    if setting.get("greedy_block_orders"):
+        kwargs["greedy_block_orders"] = setting["greedy_block_orders"]
     torch.manual_seed(setting["seed"])
-    out = model.diffusion_generate(ids, attention_mask=mask, **setting["api_kwargs"])
-    return out.sequences if hasattr(out, "sequences") else out
+    return model.diffusion_generate(ids, attention_mask=mask, **kwargs)
 
 
 def checkpoint(parity_checkpoints: Path, kind: str):

@@ -58,6 +58,10 @@ class CacheStrategy:
     def after_step(self, state: DecodeState, x_before: torch.Tensor) -> None:
         """Bookkeeping once the step's tokens are written into ``state.x``."""
 
+    def confidence(self, state: DecodeState, cand_pos: torch.Tensor) -> Optional[torch.Tensor]:
+        """Optional (B, m) scores replacing the sampler's confidences (greedy: its pre-drawn order)."""
+        return None
+
     def layer_hook(self):
         """An optional per-layer override for the next forward (None = the standard block)."""
         return None

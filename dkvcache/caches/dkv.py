@@ -1,0 +1,304 @@
+"""dKV-Cache (Ma et al., 2025): delayed K/V caching for diffusion LMs, as buffer plans.
+
+Every variant only decides which positions are fed; the others' K/V come from the buffers. Terms:
+  d[j]   position j holds a decoded (non-MASK) token.
+  C      the positions whose K/V may be cached, given the tokens so far (the "shift rule").
+  prv    the positions cached (not fed) in the current step.
+Timeline of ``decoded`` (the one-step delay): a token decoded at step t is fed at t+1 with its identity visible,
+and read from the cache from t+2 until the next refresh. In buffer form: feed ``~prv``; after the step
+``prv ← C``, ``C ← rule(x)``. Positions that enter the cache keep the K/V computed while they were last fed.
+
+Variants (spec: ../shared/spec/dkv-cache.md §2):
+  decoded  refresh (full forward) every ``cache_steps`` steps. Dream counts steps over the whole call; LLaDA
+           restarts every block (full forward at block step 0, rebuild at step 1 and every multiple of
+           ``cache_steps``) unless ``cache_across_blocks=True``.
+  prefill  the prompt's K/V (all but the last prompt token for Dream) from step 0 only; every later step feeds
+           the rest.
+  pd       prefill + decoded: refreshes recompute everything except that prompt part.
+  greedy   (LLaDA, ``remasking="random"``) the decoding order is drawn once per block, so the next step's
+           tokens are known: feed only them, the tokens just decoded and ``window_size`` masked neighbours each;
+           full forward every ``cache_steps`` steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dkvcache import rng
+from dkvcache.caches.base import CacheStrategy, StepPlan, register_strategy
+from dkvcache.indexing import ragged_indices
+from dkvcache.sampling import llada_quota
+from dkvcache.state import DecodeState
+
+SHIFT_TYPES = ("un", "un_right", "right")
+
+
+def _positive_int(name: str, value, cache_type: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"diffusion_generate: {name}={value!r} is invalid for cache_type={cache_type!r}; "
+                         "allowed: an int >= 1 (1 = refresh every step, i.e. no reuse)")
+
+
+def cacheable(decoded: torch.Tensor, shift_type: str) -> torch.Tensor:
+    """The shift rule: which positions' K/V may be cached once the tokens ``decoded`` (B, L) are final.
+
+    un        C[j] = d[j+1], C[L-1] = d[0]: position j's query is only needed to predict token j+1 (Dream),
+              so it is dropped as soon as j+1 is decoded, even while j itself is MASK (most aggressive).
+    un_right  C[j] = d[j] and d[j+1], C[L-1] = C[L-2]: cached once its own token and its prediction are final.
+    right     C[j] = d[j]: for models without the logit shift (LLaDA).
+    """
+    if shift_type == "right":
+        return decoded.clone()
+    nxt = torch.cat([decoded[:, 1:], decoded[:, :1]], dim=1)
+    if shift_type == "un":
+        return nxt
+    both = decoded & nxt
+    both[:, -1] = both[:, -2]
+    return both
+
+
+def _initial_cacheable(decoded: torch.Tensor, shift_type: str) -> torch.Tensor:
+    """Before step 0 the originals use the plain left shift for the last slot (no wrap-around)."""
+    c = cacheable(decoded, shift_type)
+    if shift_type != "right":
+        c[:, -1] = decoded[:, -1]
+    return c
+
+
+def _feed_complement(cached: torch.Tensor, length: int) -> torch.Tensor:
+    return ragged_indices(~cached, pad_value=length)[0]
+
+
+class _ShiftRuleCache(CacheStrategy):
+    """Shared option handling of the variants that use a shift rule."""
+
+    option_names = frozenset({"cache_steps", "shift_type"})
+    default_steps = 4
+
+    def __init__(self, cache_steps: int | None = None, shift_type: str | None = None, **options) -> None:
+        super().__init__(**options)
+        self.cache_steps = cache_steps or self.default_steps
+        self.shift_type = shift_type
+        self.cache: torch.Tensor | None = None  # C
+        self.cached_now: torch.Tensor | None = None  # prv
+
+    @classmethod
+    def check(cls, options: dict, family: str, opts) -> None:
+        if options.get("cache_steps") is not None:
+            _positive_int("cache_steps", options["cache_steps"], cls.name)
+        shift = options.get("shift_type")
+        if shift is not None and shift not in SHIFT_TYPES:
+            raise ValueError(f"diffusion_generate: shift_type={shift!r} is invalid; allowed: {list(SHIFT_TYPES)}")
+        if family == "dream" and shift == "right":
+            raise ValueError(
+                "diffusion_generate: shift_type='right' is not valid for Dream: Dream reads token j+1's logits at "
+                "position j, so caching a decoded position's query leaves its right neighbour without logits (the "
+                "original then samples from NaN and writes token 0). Use 'un' (the original's default, most "
+                "aggressive) or 'un_right' (cache a position once its token and its prediction are final).")
+        if family == "llada" and shift not in (None, "right"):
+            raise ValueError(f"diffusion_generate: shift_type={shift!r} needs Dream's logit shift; LLaDA predicts "
+                             "token j at position j, so its cache rule is 'right' (the default)")
+
+    def begin(self, state: DecodeState) -> None:
+        if self.shift_type is None:
+            self.shift_type = "un" if state.family.shift_logits else "right"
+        self.cache = _initial_cacheable(~state.masked(), self.shift_type)
+        self.cached_now = None
+
+    def after_step(self, state: DecodeState, x_before: torch.Tensor) -> None:
+        self.cached_now = self.cache
+        self.cache = cacheable(~state.masked(), self.shift_type)
+
+    def stats(self) -> dict:
+        return {**super().stats(), "cache_steps": self.cache_steps, "shift_type": self.shift_type}
+
+
+@register_strategy
+class DecodedCache(_ShiftRuleCache):
+    """dKV-Cache-Decode: decoded tokens (and the prompt) cached one step after decoding, refreshed periodically."""
+
+    name = "decoded"
+    option_names = frozenset({"cache_steps", "shift_type", "cache_across_blocks"})
+
+    def __init__(self, cache_across_blocks: bool = False, **options) -> None:
+        super().__init__(**options)
+        self.across_blocks = cache_across_blocks
+        self.llada_timeline = False
+
+    @classmethod
+    def check(cls, options: dict, family: str, opts) -> None:
+        super().check(options, family, opts)
+        across = options.get("cache_across_blocks", False)
+        if not isinstance(across, bool):
+            raise TypeError(f"diffusion_generate: cache_across_blocks must be True or False, got {across!r}")
+
+    def begin(self, state: DecodeState) -> None:
+        super().begin(state)
+        self.llada_timeline = not state.family.shift_logits and not self.across_blocks
+
+    def begin_block(self, state: DecodeState) -> None:
+        if self.llada_timeline:  # the original LLaDA sampler starts every block without a cache
+            self.cache = _initial_cacheable(~state.masked(), self.shift_type)
+            self.cached_now = None
+
+    def _step_index(self, state: DecodeState) -> int:
+        return state.step_in_block if self.llada_timeline else state.global_step
+
+    def plan(self, state: DecodeState) -> StepPlan:
+        i = self._step_index(state)
+        if self.llada_timeline or not state.family.shift_logits:
+            # LLaDA: step 0 plain, step 1 rebuild, multiples of cache_steps rebuild
+            full = i <= 1 or i % self.cache_steps == 0
+        else:
+            full = i % self.cache_steps == 0
+        if full or self.cached_now is None:
+            self.cached_now = None
+            return StepPlan(fed_idx=None, use_kv=True, refresh=True)
+        return StepPlan(fed_idx=_feed_complement(self.cached_now, state.length), use_kv=True)
+
+
+def _prompt_part(state: DecodeState) -> torch.Tensor:
+    """P*: the prompt positions whose K/V prefill keeps (Dream: all but the last prompt token, whose output
+    predicts the first generated token; LLaDA: the whole prompt)."""
+    keep = torch.zeros_like(state.key_valid)
+    end = state.prompt_length - 1 if state.family.shift_logits else state.prompt_length
+    keep[:, :end] = True
+    return keep
+
+
+@register_strategy
+class PrefillCache(CacheStrategy):
+    """dKV-Cache-Prefill: the prompt's K/V computed at step 0 and reused for the whole call."""
+
+    name = "prefill"
+    option_names = frozenset({"cache_steps", "shift_type"})  # accepted (the original script passes them), unused
+
+    def begin(self, state: DecodeState) -> None:
+        self.fed_after_step0 = _feed_complement(_prompt_part(state), state.length)
+
+    def plan(self, state: DecodeState) -> StepPlan:
+        if state.global_step == 0:
+            return StepPlan(fed_idx=None, use_kv=True, refresh=True)
+        return StepPlan(fed_idx=self.fed_after_step0, use_kv=True)
+
+
+@register_strategy
+class PrefillDecodedCache(_ShiftRuleCache):
+    """dKV-Cache-PD: prefill's frozen prompt plus the delayed decode cache; refreshes skip the prompt part."""
+
+    name = "pd"
+
+    def begin(self, state: DecodeState) -> None:
+        super().begin(state)
+        self.prompt_part = _prompt_part(state)
+
+    def plan(self, state: DecodeState) -> StepPlan:
+        i = state.global_step
+        if i == 0:
+            self.cached_now = None
+            return StepPlan(fed_idx=None, use_kv=True, refresh=True)
+        if i % self.cache_steps == 0 or self.cached_now is None:
+            self.cached_now = None
+            return StepPlan(fed_idx=_feed_complement(self.prompt_part, state.length), use_kv=True, refresh=True)
+        return StepPlan(fed_idx=_feed_complement(self.cached_now, state.length), use_kv=True)
+
+
+@register_strategy
+class GreedyCache(CacheStrategy):
+    """dKV-Cache-Greedy (LLaDA): a pre-drawn order per block; cached steps feed only the active set."""
+
+    name = "greedy"
+    option_names = frozenset({"cache_steps", "window_size", "greedy_block_orders"})
+
+    def __init__(self, cache_steps: int | None = None, window_size: int = 0,
+                 greedy_block_orders: list | None = None, **options) -> None:
+        super().__init__(**options)
+        self.cache_steps = cache_steps or 2
+        self.window = window_size
+        self.injected_orders = greedy_block_orders
+        self.block_index = -1
+        self.active: torch.Tensor | None = None
+
+    @classmethod
+    def check(cls, options: dict, family: str, opts) -> None:
+        if family != "llada":
+            raise ValueError("diffusion_generate: cache_type='greedy' needs a model without the logit shift "
+                             "(LLaDA); for Dream use 'decoded', 'prefill' or 'pd'")
+        if opts.alg != "random":
+            raise ValueError("diffusion_generate: cache_type='greedy' decodes in an order drawn in advance, so it "
+                             f"needs remasking='random' (alg='random'), got alg={opts.alg!r}")
+        if options.get("cache_steps") is not None:
+            _positive_int("cache_steps", options["cache_steps"], "greedy")
+        window = options.get("window_size", 0)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"diffusion_generate: window_size={window!r} is invalid; allowed: an int >= 0")
+
+    def begin_block(self, state: DecodeState) -> None:
+        """Draw (or take the injected) decoding order of this block as a per-position priority."""
+        self.block_index += 1
+        start, end = state.block_start, state.block_end
+        priority = torch.full(state.x.shape, float("-inf"), dtype=torch.float64, device=state.x.device)
+        if self.injected_orders is not None:
+            order = torch.as_tensor(self.injected_orders[self.block_index], device=state.x.device)
+            ranks = torch.arange(order.shape[1], 0, -1, device=order.device, dtype=torch.float64)
+            priority.scatter_(1, order, ranks.expand(order.shape[0], -1).contiguous())
+        else:
+            offsets = torch.arange(start, end, device=state.x.device) - state.prompt_length
+            priority[:, start:end] = rng.hash_uniform(state.row_seeds[:, None], rng.STREAM_ORDER,
+                                                      self.block_index, offsets[None, :])
+        self.priority = priority
+        masked = state.masked()[:, start:end].sum(1)
+        self.quota = llada_quota(masked, state.steps_in_block)
+        self.active = None
+
+    def confidence(self, state: DecodeState, cand_pos: torch.Tensor) -> torch.Tensor | None:
+        return self.priority.gather(1, cand_pos.clamp(max=state.length - 1))
+
+    def plan(self, state: DecodeState) -> StepPlan:
+        i = state.step_in_block
+        if i % self.cache_steps == 0 or self.active is None:
+            return StepPlan(fed_idx=None, use_kv=True, refresh=True)
+        return StepPlan(fed_idx=ragged_indices(self.active, pad_value=state.length)[0], use_kv=True)
+
+    def after_step(self, state: DecodeState, x_before: torch.Tensor) -> None:
+        """Active set of the next step: its tokens, the tokens just decoded, and their masked neighbours."""
+        i = state.step_in_block
+        if i + 1 >= state.steps_in_block:
+            self.active = None
+            return
+        mask_id = state.mask_id
+        masked_before = x_before == mask_id
+        just_decoded = masked_before & (state.x != mask_id)
+        still = state.masked()
+        ranked = self.priority.masked_fill(~still, float("-inf"))
+        order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+        count = self.quota[:, i + 1]
+        width = int(count.max().item())
+        upcoming = order[:, :width]
+        upcoming_valid = torch.arange(width, device=order.device)[None, :] < count[:, None]
+        active = just_decoded.clone()
+        rows = torch.arange(state.batch, device=order.device)[:, None].expand(-1, width)
+        active[rows[upcoming_valid], upcoming[upcoming_valid]] = True
+        if self.window > 0:
+            active = self._add_windows(active, upcoming, upcoming_valid, masked_before)
+        self.active = active
+
+    def _add_windows(self, active: torch.Tensor, centres: torch.Tensor, centres_valid: torch.Tensor,
+                     eligible_base: torch.Tensor) -> torch.Tensor:
+        """For each centre (in order), up to ``window`` masked, not-yet-active neighbours, searched
+        alternately left and right outward (p-1, p+1, p-2, p+2, …), across block boundaries."""
+        batch, length = active.shape
+        distance = torch.arange(1, length, device=active.device)
+        offsets = torch.stack([-distance, distance], dim=1).reshape(-1)  # -1, +1, -2, +2, ...
+        rows = torch.arange(batch, device=active.device)[:, None]
+        for k in range(centres.shape[1]):  # one pass per token of the step (vectorised over rows)
+            probe = centres[:, k:k + 1] + offsets[None, :]
+            inside = (probe >= 0) & (probe < length)
+            probe_safe = probe.clamp(0, length - 1)
+            eligible = inside & eligible_base.gather(1, probe_safe) & ~active.gather(1, probe_safe)
+            take = eligible & (eligible.long().cumsum(1) <= self.window) & centres_valid[:, k:k + 1]
+            active[rows.expand_as(probe)[take], probe_safe[take]] = True
+        return active
+
+    def stats(self) -> dict:
+        return {**super().stats(), "cache_steps": self.cache_steps, "window_size": self.window}
