@@ -58,7 +58,7 @@ class CacheStrategy:
     def after_step(self, state: DecodeState, x_before: torch.Tensor) -> None:
         """Bookkeeping once the step's tokens are written into ``state.x``."""
 
-    def confidence(self, state: DecodeState, cand_pos: torch.Tensor) -> Optional[torch.Tensor]:
+    def confidence(self, state: DecodeState, cand_pos: torch.Tensor) -> torch.Tensor | None:
         """Optional (B, m) scores replacing the sampler's confidences (greedy: its pre-drawn order)."""
         return None
 
