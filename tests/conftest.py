@@ -10,6 +10,9 @@ import torch
 import models  # noqa: F401  (registers the Auto classes)
 from models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
 
+# Tiny models: one thread is fastest and keeps timings sane when other processes share the 2 cores.
+torch.set_num_threads(1)
+
 VOCAB = 64
 MASK, PAD = 63, 62  # Dream: bos = eos = pad = 62; LLaDA: eos = pad = 62, its own mask 63
 PARITY_DIR = Path(__file__).resolve().parents[2] / "shared" / "parity"
