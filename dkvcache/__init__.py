@@ -17,6 +17,8 @@ _LAZY = {
     "LLaDAModelLM": "models.modeling_llada",
     "LLaDAConfig": "models.configuration_llada",
     "generate": "dkvcache.llada_api",
+    "generate_with_prefix_cache": "dkvcache.llada_api",
+    "generate_with_dual_cache": "dkvcache.llada_api",
     "GenerationOptions": "dkvcache.options",
     "DiffusionOutput": "dkvcache.generation",
     "register_strategy": "dkvcache.caches",

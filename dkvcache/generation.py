@@ -22,6 +22,7 @@ from dkvcache.sampling import (
     linspace_count,
     llada_quota,
     origin_transfer,
+    parallel_count,
     propose_tokens,
     select_sampled,
     select_top,
@@ -112,7 +113,7 @@ def generate(model: Any, inputs: torch.Tensor | None, generation_config: Any = N
     _check_inputs(inputs, attention_mask)
     family = FAMILIES[model.diffusion_family]
     opts = resolve_options(family.name, model.config, inputs.shape[1], generation_config, kwargs,
-                           caches.available_strategies())
+                           caches.available_strategies(), caches.default_block_lengths())
     strategy_cls = caches.get_strategy(opts.cache_type)
     strategy_cls.check(opts.cache_options, family.name, opts)
     if opts.cfg_scale > 0 and opts.cache_type != "none":
@@ -139,7 +140,8 @@ def _denoise(state: DecodeState, strategy: caches.CacheStrategy) -> torch.Tensor
     if opts.generation_tokens_hook_func is not None:
         state.x = opts.generation_tokens_hook_func(None, state.x, None)
     strategy.begin(state)
-    for block_start, block_end, steps in _blocks(state):
+    for block_index, (block_start, block_end, steps) in enumerate(_blocks(state)):
+        state.block_index = block_index
         state.block_start, state.block_end, state.steps_in_block = block_start, block_end, steps
         strategy.begin_block(state)
         quota = None
@@ -198,7 +200,7 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, quota: torch.Tenso
         push_last = [t for t in (opts.eos_token_id, opts.eot_token_id) if t is not None]
     x0, conf = propose_tokens(
         logits, family=state.family, alg=opts.alg, temperature=opts.temperature, top_p=opts.top_p,
-        top_k=opts.top_k, row_seeds=state.row_seeds, step=state.global_step, offsets=offsets,
+        top_k=opts.top_k, row_seeds=state.row_seeds, step=state.noise_step, offsets=offsets,
         banned_ids=_banned_ids(opts), push_last_ids=push_last)
     override = strategy.confidence(state, cand_pos)
     if override is not None:
@@ -226,13 +228,16 @@ def _choose(state: DecodeState, conf: torch.Tensor, cand_valid: torch.Tensor, de
     """Which candidates to unmask this step (B, m) bool; only ``decodable`` ones can be chosen."""
     opts, i, steps = state.opts, state.step_in_block, state.steps_in_block
     if opts.alg == "origin":
-        return origin_transfer(cand_valid, i, steps, opts.eps, state.row_seeds, state.global_step, offsets) & decodable
+        return origin_transfer(cand_valid, i, steps, opts.eps, state.row_seeds, state.noise_step, offsets) & decodable
     if quota is not None:
         count = quota[:, i]
     else:
         count = linspace_count(cand_valid.sum(1), i, steps, opts.eps)
+    if opts.threshold is not None or opts.factor is not None:
+        # parallel decoding; the schedule's count stays a floor so `steps` bounds the forwards per block
+        count = torch.maximum(count, parallel_count(conf, decodable, opts.threshold, opts.factor))
     if opts.alg_temp:
-        return select_sampled(conf, decodable, count, opts.alg_temp, state.row_seeds, state.global_step, offsets)
+        return select_sampled(conf, decodable, count, opts.alg_temp, state.row_seeds, state.noise_step, offsets)
     return select_top(conf, decodable, count)
 
 

@@ -19,6 +19,12 @@ class GenerationOptions:
     Defaults that depend on the model family are filled by :func:`resolve_options`:
       Dream: max_new_tokens 20 (the original's max_length=20 rule), steps 512, alg "origin", one block.
       LLaDA: gen_length 128, steps 128, alg "maskgit_plus" (= remasking "low_confidence"), block = gen length.
+    Parallel decoding (Fast-dLLM): ``threshold`` τ transfers the most confident candidate plus every candidate
+    of the current block with confidence ≥ τ; ``factor`` f transfers the longest confidence-sorted prefix with
+    (k+1)(1 − c_k) ≤ f. With either, ``steps`` is an upper bound: each step transfers at least the schedule's
+    count, so a block never takes more than its share of steps (pass steps = max_new_tokens to let the rule
+    decide alone). ``alg="confidence_threshold"`` (Fast-dLLM's Dream name) is ``alg="maskgit_plus"`` with
+    ``threshold`` defaulting to 0.9.
     The original Dream silently sampled with top_k=50 and temperature 1.0 when they were omitted (legacy
     transformers config attributes); here omitted means off. To reproduce that behaviour pass
     ``temperature=1.0, top_k=50``.
@@ -34,6 +40,8 @@ class GenerationOptions:
     top_k: int | None = None
     alg_temp: float | None = None
     cfg_scale: float = 0.0
+    threshold: float | None = None
+    factor: float | None = None
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False
     num_return_sequences: int = 1
@@ -49,6 +57,7 @@ class GenerationOptions:
     full_logits: bool = False
     use_cache: bool = False
     cache_type: str = "none"
+    dual_cache: bool | None = None
     cache_options: dict = field(default_factory=dict)
     attention_mask: torch.Tensor | None = None
     generation_tokens_hook_func: Callable | None = None
@@ -107,13 +116,19 @@ def _config_values(generation_config: Any) -> dict:
 
 
 def resolve_options(family: str, config: Any, prompt_length: int, generation_config: Any,
-                    kwargs: dict, strategy_options: dict[str, set[str]]) -> GenerationOptions:
+                    kwargs: dict, strategy_options: dict[str, set[str]],
+                    block_defaults: dict[str, int] | None = None) -> GenerationOptions:
     """Merge family defaults, ``generation_config`` and kwargs; validate everything; raise on any bad argument.
 
     strategy_options: for every registered cache strategy, the option names it accepts.
+    block_defaults: strategies that are block-wise by nature and the block_length they use when none is given.
     """
     merged = dict(_config_values(generation_config))
     merged.update(kwargs)
+    if merged.get("alg") == "confidence_threshold":
+        merged["alg"] = "maskgit_plus"
+        if merged.get("threshold") is None:
+            merged["threshold"] = 0.9
     for alias, name in _ALIASES.items():
         if alias in merged:
             value = merged.pop(alias)
@@ -151,11 +166,14 @@ def resolve_options(family: str, config: Any, prompt_length: int, generation_con
             setattr(opts, name, getattr(config, name, None))
     if opts.eot_token_id is None and family == "llada" and config.vocab_size > 126348:
         opts.eot_token_id = 126348  # LLaDA-8B's <|eot_id|>
-    _validate(opts, strategy_options)
+    _validate_cache(opts, strategy_options)
+    if opts.block_length is None and (block_defaults or {}).get(opts.cache_type):
+        opts.block_length = min(block_defaults[opts.cache_type], opts.max_new_tokens)
+    _validate(opts)
     return opts
 
 
-def _validate(opts: GenerationOptions, strategy_options: dict[str, set[str]]) -> None:
+def _validate(opts: GenerationOptions) -> None:
     _check_int("max_new_tokens", opts.max_new_tokens, 1)
     _check_int("steps", opts.steps, 1)
     _check_number("eps", opts.eps, 0.0, 1.0, low_open=True)
@@ -167,6 +185,13 @@ def _validate(opts: GenerationOptions, strategy_options: dict[str, set[str]]) ->
     _check_int("top_k", opts.top_k, 1, allow_none=True)
     _check_number("alg_temp", opts.alg_temp, 0.0, float("inf"), allow_none=True)
     _check_number("cfg_scale", opts.cfg_scale, 0.0, float("inf"))
+    _check_number("threshold", opts.threshold, float("-inf"), float("inf"), allow_none=True)
+    _check_number("factor", opts.factor, 0.0, float("inf"), allow_none=True, low_open=True)
+    if (opts.threshold is not None or opts.factor is not None) and opts.alg in ("origin", "entropy"):
+        raise ValueError(f"diffusion_generate: threshold/factor compare confidences with probabilities, so they "
+                         f"need alg in ['maskgit_plus', 'topk_margin', 'random'], got alg={opts.alg!r}")
+    if opts.threshold is not None and opts.factor is not None:
+        raise ValueError("diffusion_generate: pass threshold or factor, not both")
     _check_int("num_return_sequences", opts.num_return_sequences, 1)
     for name in ("logits_eos_inf", "confidence_eos_eot_inf", "output_history", "return_dict_in_generate",
                  "eos_early_stop", "full_logits", "use_cache"):
@@ -194,10 +219,18 @@ def _validate(opts: GenerationOptions, strategy_options: dict[str, set[str]]) ->
         raise TypeError(f"diffusion_generate: generator must be a torch.Generator, got {type(opts.generator).__name__}")
     if opts.seed is not None and not isinstance(opts.seed, (int, list, tuple)):
         raise TypeError(f"diffusion_generate: seed must be an int or a list of ints, got {opts.seed!r}")
-    _validate_cache(opts, strategy_options)
 
 
 def _validate_cache(opts: GenerationOptions, strategy_options: dict[str, set[str]]) -> None:
+    _check_bool("use_cache", opts.use_cache)
+    if opts.dual_cache is not None:
+        _check_bool("dual_cache", opts.dual_cache)
+        if opts.use_cache:  # Fast-dLLM's switch: dual_cache=True → "dual", False → "prefix"
+            wanted = "dual" if opts.dual_cache else "prefix"
+            if opts.cache_type not in ("none", None, wanted):
+                raise ValueError(f"diffusion_generate: dual_cache={opts.dual_cache} conflicts with "
+                                 f"cache_type={opts.cache_type!r}")
+            opts.cache_type = wanted
     if not opts.use_cache:
         if opts.cache_type not in ("none", None):
             raise ValueError(f"diffusion_generate: cache_type={opts.cache_type!r} needs use_cache=True")

@@ -161,3 +161,25 @@ def llada_quota(masked: torch.Tensor, steps: int) -> torch.Tensor:
     base, rem = masked // steps, masked % steps
     extra = torch.arange(steps, device=masked.device)[None, :] < rem[:, None]
     return base[:, None] + extra.long()
+
+
+def parallel_count(conf: torch.Tensor, valid: torch.Tensor, threshold: float | None,
+                   factor: float | None) -> torch.Tensor:
+    """How many of the most confident valid candidates Fast-dLLM's parallel decoding transfers, per row (B,).
+
+    threshold τ: the most confident one plus every other with confidence ≥ τ (equality accepted).
+    factor f: sorted confidences c_1 ≥ c_2 ≥ …; the first is always taken, the k-th (k ≥ 2) while
+    (k + 1)(1 − c_k) ≤ f, i.e. c_k ≥ 1 − f/(k+1) (Theorem 1 of the paper, scaled by f); stop at the first failure.
+    Unlike the original we also stop when that failure is the last candidate (the original then accepted all).
+    A row without candidates transfers 0.
+    """
+    ranked = torch.sort(conf.masked_fill(~valid, float("-inf")), dim=1, descending=True).values
+    available = valid.sum(1)
+    if threshold is not None:
+        count = (ranked >= threshold).sum(1).clamp(min=1)
+    else:
+        k = torch.arange(1, conf.shape[1] + 1, device=conf.device, dtype=ranked.dtype)
+        passes = ranked >= 1 - factor / (k + 1)
+        passes[:, 0] = True
+        count = passes.long().cumprod(1).sum(1)
+    return torch.minimum(count, available)

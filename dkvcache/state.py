@@ -28,6 +28,7 @@ class DecodeState:
     key_valid: torch.Tensor
     prompt_length: int
     row_seeds: torch.Tensor
+    block_index: int = 0
     block_start: int = 0
     block_end: int = 0
     step_in_block: int = 0
@@ -49,6 +50,12 @@ class DecodeState:
     @property
     def mask_id(self) -> int:
         return self.opts.mask_token_id
+
+    @property
+    def noise_step(self) -> int:
+        """Noise coordinate of the step: (block, step in block), identical for a row in a batch and alone even
+        when other rows take longer to finish a block (parallel decoding)."""
+        return self.block_index * 1_000_003 + self.step_in_block
 
     def masked(self) -> torch.Tensor:
         """(B, L) bool: positions still holding the MASK token."""

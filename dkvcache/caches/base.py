@@ -36,6 +36,7 @@ class CacheStrategy:
 
     name: ClassVar[str] = "none"
     option_names: ClassVar[frozenset[str]] = frozenset()
+    default_block_length: ClassVar[int | None] = None  # block-wise strategies: used when none is given
 
     def __init__(self, **options) -> None:
         self.options = options
@@ -88,6 +89,11 @@ def get_strategy(name: str) -> type[CacheStrategy]:
 def available_strategies() -> dict[str, frozenset[str]]:
     """Registered strategy names and the option names each accepts."""
     return {name: cls.option_names for name, cls in _REGISTRY.items()}
+
+
+def default_block_lengths() -> dict[str, int]:
+    """Strategies that are block-wise by nature, with the block_length they use when the caller gives none."""
+    return {name: cls.default_block_length for name, cls in _REGISTRY.items() if cls.default_block_length}
 
 
 register_strategy(CacheStrategy)

@@ -216,7 +216,6 @@ class GreedyCache(CacheStrategy):
         self.cache_steps = cache_steps or 2
         self.window = window_size
         self.injected_orders = greedy_block_orders
-        self.block_index = -1
         self.active: torch.Tensor | None = None
 
     @classmethod
@@ -235,17 +234,16 @@ class GreedyCache(CacheStrategy):
 
     def begin_block(self, state: DecodeState) -> None:
         """Draw (or take the injected) decoding order of this block as a per-position priority."""
-        self.block_index += 1
         start, end = state.block_start, state.block_end
         priority = torch.full(state.x.shape, float("-inf"), dtype=torch.float64, device=state.x.device)
         if self.injected_orders is not None:
-            order = torch.as_tensor(self.injected_orders[self.block_index], device=state.x.device)
+            order = torch.as_tensor(self.injected_orders[state.block_index], device=state.x.device)
             ranks = torch.arange(order.shape[1], 0, -1, device=order.device, dtype=torch.float64)
             priority.scatter_(1, order, ranks.expand(order.shape[0], -1).contiguous())
         else:
             offsets = torch.arange(start, end, device=state.x.device) - state.prompt_length
             priority[:, start:end] = rng.hash_uniform(state.row_seeds[:, None], rng.STREAM_ORDER,
-                                                      self.block_index, offsets[None, :])
+                                                      state.block_index, offsets[None, :])
         self.priority = priority
         masked = state.masked()[:, start:end].sum(1)
         self.quota = llada_quota(masked, state.steps_in_block)

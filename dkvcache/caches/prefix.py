@@ -1,0 +1,63 @@
+"""Fast-dLLM's block-wise caches (Wu et al., 2025): prefix cache and dual cache.
+
+Decoding is semi-autoregressive over blocks. The first step of every block is a full forward that refreshes all
+K/V and already decodes (it is step 0 of the block). Later steps of the block feed
+  prefix: the block and everything after it (the masked suffix is recomputed every step),
+  dual:   the block only (the suffix K/V stay as the block-start forward left them),
+and read the prefix (prompt + finished blocks) from the buffers. ``cache_steps=N`` adds a full refresh every N
+steps inside a block (not in the original; off by default).
+
+Dream predicts token j at position j−1, so the position just before the block is fed too: its fresh query gives
+the block's first token a prediction at every step. (The original instead forced that token from the block-start
+forward without any confidence test and switched any ``alg`` to entropy; we do neither.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dkvcache.caches.base import CacheStrategy, StepPlan, register_strategy
+from dkvcache.caches.dkv import _positive_int
+from dkvcache.state import DecodeState
+
+
+class _BlockCache(CacheStrategy):
+    option_names = frozenset({"cache_steps"})
+    default_block_length = 32
+    feeds_suffix = True
+
+    def __init__(self, cache_steps: int | None = None, **options) -> None:
+        super().__init__(**options)
+        self.cache_steps = cache_steps
+
+    @classmethod
+    def check(cls, options: dict, family: str, opts) -> None:
+        if options.get("cache_steps") is not None:
+            _positive_int("cache_steps", options["cache_steps"], cls.name)
+
+    def plan(self, state: DecodeState) -> StepPlan:
+        i = state.step_in_block
+        if i == 0 or (self.cache_steps is not None and i % self.cache_steps == 0):
+            return StepPlan(fed_idx=None, use_kv=True, refresh=True)
+        start = state.block_start - (1 if state.family.shift_logits else 0)
+        end = state.length if self.feeds_suffix else state.block_end
+        fed = torch.arange(start, end, device=state.x.device).expand(state.batch, -1)
+        return StepPlan(fed_idx=fed, use_kv=True)
+
+    def stats(self) -> dict:
+        return {**super().stats(), "cache_steps": self.cache_steps}
+
+
+@register_strategy
+class PrefixCache(_BlockCache):
+    """Fast-dLLM PrefixCache: reuse the prefix's K/V within a block, recompute the block and the suffix."""
+
+    name = "prefix"
+
+
+@register_strategy
+class DualCache(_BlockCache):
+    """Fast-dLLM DualCache: reuse prefix and suffix K/V within a block, recompute only the block."""
+
+    name = "dual"
+    feeds_suffix = False
