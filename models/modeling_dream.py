@@ -71,6 +71,9 @@ class DreamDecoderLayer(nn.Module):
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.self_attn.q_proj(x), self.self_attn.k_proj(x), self.self_attn.v_proj(x)
 
+    def project_v(self, x: torch.Tensor) -> torch.Tensor:
+        return self.self_attn.v_proj(x)
+
     def project_out(self, attn: torch.Tensor) -> torch.Tensor:
         return self.self_attn.o_proj(attn)
 

@@ -53,6 +53,9 @@ class LLaDALlamaBlock(nn.Module):
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
+    def project_v(self, x: torch.Tensor) -> torch.Tensor:
+        return self.v_proj(x)
+
     def project_out(self, attn: torch.Tensor) -> torch.Tensor:
         return self.attn_out(attn)
 

@@ -168,6 +168,18 @@ def attention_sublayer(layer: nn.Module, normed: torch.Tensor, ctx: ForwardConte
     return layer.project_out(out)
 
 
+def rows_context(ctx: ForwardContext, rows: torch.Tensor) -> ForwardContext:
+    """The context for recomputing only ``rows`` (B, n) of a forward over every position (padding entries = L).
+
+    Used by layer hooks that recompute a subset of rows inside a full-length forward (dLLM-Cache).
+    """
+    safe = rows.clamp(max=ctx.positions.shape[1] - 1)
+    index = safe[..., None].expand(-1, -1, ctx.cos.shape[-1])
+    return ForwardContext(positions=ctx.positions.gather(1, safe), fed_idx=rows, key_valid=ctx.key_valid, kv=ctx.kv,
+                          want_attn_probs=ctx.want_attn_probs, attn_probs=ctx.attn_probs,
+                          cos=ctx.cos.gather(1, index), sin=ctx.sin.gather(1, index))
+
+
 def layer_forward(layer: nn.Module, hidden: torch.Tensor, ctx: ForwardContext, index: int) -> torch.Tensor:
     """The standard pre-norm block: h += Attn(norm1(h)); h += MLP(norm2(h))."""
     hidden = hidden + attention_sublayer(layer, layer.attn_norm(hidden), ctx, index)

@@ -1,8 +1,9 @@
 """Cache strategies. Importing this package registers every built-in strategy."""
 
-from dkvcache.caches import (
-    dkv,  # noqa: F401  (registers decoded, prefill, pd, greedy)
-    prefix,  # noqa: F401  (registers prefix, dual)
+from dkvcache.caches import (  # noqa: F401  (importing registers them)
+    dkv,  # decoded, prefill, pd, greedy
+    dllm,  # dllm
+    prefix,  # prefix, dual
 )
 from dkvcache.caches.base import (
     CacheStrategy,
