@@ -14,6 +14,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from dkvcache import caches
+from dkvcache.density import certainty_density
 from dkvcache.indexing import ragged_indices, scatter_rows, slots_of
 from dkvcache.options import GenerationOptions, resolve_options
 from dkvcache.rng import resolve_row_seeds
@@ -205,7 +206,13 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, quota: torch.Tenso
     override = strategy.confidence(state, cand_pos)
     if override is not None:
         conf = override
-    transfer = _choose(state, conf, cand_valid, decodable, offsets, quota)
+    score = conf
+    if opts.sigma:  # certainty prior: favour positions next to decoded ones
+        density = certainty_density(~state.masked()[:, state.prompt_length:], opts.sigma)
+        score = conf.double() * density.gather(1, offsets)
+    transfer = _choose(state, score, cand_valid, decodable, offsets, quota)
+    state.step_candidates, state.step_valid, state.step_confidence = cand_pos, cand_valid, conf
+    state.step_transfer, state.step_fed_idx = transfer, plan.fed_idx
 
     x_before = state.x.clone()
     new_tokens = scatter_rows(torch.where(transfer, x0, opts.mask_token_id), cand_pos, length, opts.mask_token_id)
@@ -256,8 +263,10 @@ def _forward(state: DecodeState, strategy: caches.CacheStrategy, plan: caches.St
         if state.kv is None:
             state.kv = model.allocate_kv(ids.shape[0], state.length)
         kv = state.kv
+    state.attn_probs = []
     hidden = model.partial_forward(ids, positions, key_valid, fed_idx=plan.fed_idx, kv=kv,
-                                   layer_hook=strategy.layer_hook())
+                                   layer_hook=strategy.layer_hook(), want_attn_probs=strategy.wants_attention,
+                                   attn_probs_out=state.attn_probs)
     state.forwards += 1
     state.full_positions += ids.numel()
     fed = ids.numel() if plan.fed_idx is None else (plan.fed_idx < state.length).sum() * (ids.shape[0] // state.batch)

@@ -25,6 +25,9 @@ class GenerationOptions:
     count, so a block never takes more than its share of steps (pass steps = max_new_tokens to let the rule
     decide alone). ``alg="confidence_threshold"`` (Fast-dLLM's Dream name) is ``alg="maskgit_plus"`` with
     ``threshold`` defaulting to 0.9.
+    Certainty prior (d2Cache): ``sigma`` > 0 ranks masked positions by confidence × certainty density
+    (``dkvcache.density``) instead of confidence alone; threshold/factor then compare that score. Small sigma
+    decodes nearly left to right, a huge sigma is plain confidence decoding. None or 0 = off.
     The original Dream silently sampled with top_k=50 and temperature 1.0 when they were omitted (legacy
     transformers config attributes); here omitted means off. To reproduce that behaviour pass
     ``temperature=1.0, top_k=50``.
@@ -42,6 +45,7 @@ class GenerationOptions:
     cfg_scale: float = 0.0
     threshold: float | None = None
     factor: float | None = None
+    sigma: float | None = None
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False
     num_return_sequences: int = 1
@@ -190,6 +194,10 @@ def _validate(opts: GenerationOptions) -> None:
     if (opts.threshold is not None or opts.factor is not None) and opts.alg in ("origin", "entropy"):
         raise ValueError(f"diffusion_generate: threshold/factor compare confidences with probabilities, so they "
                          f"need alg in ['maskgit_plus', 'topk_margin', 'random'], got alg={opts.alg!r}")
+    _check_number("sigma", opts.sigma, 0.0, float("inf"), allow_none=True)
+    if opts.sigma and opts.alg in ("origin", "entropy"):
+        raise ValueError(f"diffusion_generate: sigma (certainty prior) multiplies non-negative confidences; use "
+                         f"alg in ['maskgit_plus', 'topk_margin', 'random'], got alg={opts.alg!r}")
     if opts.threshold is not None and opts.factor is not None:
         raise ValueError("diffusion_generate: pass threshold or factor, not both")
     _check_int("num_return_sequences", opts.num_return_sequences, 1)

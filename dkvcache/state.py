@@ -38,6 +38,15 @@ class DecodeState:
     forwards: int = 0
     full_positions: int = 0
     fed_positions: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    # What the last step did, for strategies that plan from it (d2Cache): the fed positions (None = all), the
+    # candidates (B, m) with validity, their raw confidences, which were transferred, and, when the strategy
+    # asked for them, the attention probabilities of the fed queries per layer (B, H, n, L + 1).
+    step_fed_idx: torch.Tensor | None = None
+    step_candidates: torch.Tensor | None = None
+    step_valid: torch.Tensor | None = None
+    step_confidence: torch.Tensor | None = None
+    step_transfer: torch.Tensor | None = None
+    attn_probs: list = field(default_factory=list)
 
     @property
     def batch(self) -> int:

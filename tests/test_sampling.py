@@ -117,3 +117,42 @@ def test_alg_temp_selection():
     hot = [select_sampled(conf, valid, torch.tensor([1]), 100.0, torch.tensor([s]), 0, torch.arange(4)[None])
            for s in range(200)]
     assert len({tuple(h[0].tolist()) for h in hot}) == 4  # every position gets drawn sometimes
+
+
+def test_certainty_density_matches_direct_evaluation():
+    import math
+
+    from dkvcache.density import certainty_density
+
+    gen, sigma = 9, 2.5
+    known = torch.tensor([[1, 0, 0, 1, 0, 0, 0, 0, 1], [0] * 9, [1] * 9], dtype=torch.bool)
+
+    def direct(row):
+        e = {j: 1.0 for j in range(-gen, 0)}
+        e.update({j: float(row[j]) for j in range(gen)})
+        e.update({j: float(row[-1]) for j in range(gen, 2 * gen)})
+        total = sum(math.exp(-d * d / (2 * sigma**2)) for d in range(-3 * gen, 3 * gen))
+        return [sum(e[j] * math.exp(-((i - j) ** 2) / (2 * sigma**2)) for j in e) / total for i in range(gen)]
+
+    density = certainty_density(known, sigma)
+    assert torch.allclose(density, torch.tensor([direct(r) for r in known.tolist()], dtype=torch.float64),
+                          atol=1e-12)
+    assert (density >= 0).all() and (density <= 1).all()
+    assert (density[1, 1:] < density[1, :-1]).all()  # nothing decoded: decays away from the prompt
+
+
+def test_certainty_prior_decoding_order():
+    """Small sigma decodes left to right; a huge sigma is plain confidence decoding."""
+    from tests.conftest import MASK, random_prompts, tiny_llada
+
+    model = tiny_llada(seed=5)
+    ids = random_prompts(1, 6, seed=50)
+    common = dict(gen_length=12, steps=12, block_length=12, output_history=True, return_dict_in_generate=True)
+    ordered = model.diffusion_generate(ids, sigma=0.5, **common)
+    decoded_order = []
+    for before, after in zip([torch.full((1, 18), MASK)] + ordered.history, ordered.history):
+        decoded_order += [p for p in range(12) if before[0, 6 + p] == MASK and after[0, 6 + p] != MASK]
+    assert decoded_order == list(range(12))
+    plain = model.diffusion_generate(ids, **common)
+    huge = model.diffusion_generate(ids, sigma=1e6, **common)
+    assert torch.equal(plain.sequences, huge.sequences)

@@ -37,6 +37,7 @@ class CacheStrategy:
     name: ClassVar[str] = "none"
     option_names: ClassVar[frozenset[str]] = frozenset()
     default_block_length: ClassVar[int | None] = None  # block-wise strategies: used when none is given
+    wants_attention: ClassVar[bool] = False  # ask the forward for attention probabilities of the fed queries
 
     def __init__(self, **options) -> None:
         self.options = options

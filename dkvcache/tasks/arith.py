@@ -1,0 +1,410 @@
+"""The synthetic arithmetic task of the tiny checkpoints: generator, train/test split, scorer and evaluator.
+
+Task: a GSM8K-like word problem -- add 4-6 single-digit counts of different fruits, writing the running total
+line by line, then the final answer in GSM8K style::
+
+    question: "Tom has 7 apples, 3 pears, 9 plums and 2 figs. How many fruits does he have?"
+    answer:   "apples:7\npears:7+3=10\nplums:10+9=19\nfigs:19+2=21\n#### 21"
+
+Answers are 30-56 tokens (one token per character; the words and ``####`` are one token each). Every line
+depends on the line before it, so the order in which a diffusion model decodes, and what it caches, matters;
+decoding many tokens per step breaks the chain (see the signal check in ``assets/README.md``).
+
+Split: by content. An item belongs to the test split iff the SHA-256 of its list of counts (e.g. ``"7,3,9,2"``)
+modulo 10 is 0, so no list of counts of a held-out item is ever seen in training, whatever the seed, fruit
+names or phrasing. The held-out items shipped in ``dkvcache/tasks/data/arith_test.jsonl`` (schema
+``{"id", "question", "answer"}``, ``answer`` ending ``#### N``) are drawn from the test split only.
+
+CLI (the quality yardstick of every cache strategy)::
+
+    python -m dkvcache.tasks.arith --model assets/tiny-dream [--limit N] [--batch-size N] [key=value ...]
+
+Any ``diffusion_generate`` keyword can be given as ``key=value`` or ``--key value`` (numbers, true/false,
+none and JSON lists are parsed); it is passed through unchanged. ``--signal`` prints the accuracy table over a
+fixed set of settings (vanilla down to 8 tokens per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+MIN_TERMS = 4
+MAX_TERMS = 6
+GEN_LENGTH = 64  # the generation length every default setting uses (the longest answer is 56 tokens)
+TEST_FRACTION_MOD = 10  # one list of counts in ten is held out
+DATA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "arith_test.jsonl")
+TEST_SEED = 20250601
+TEST_SIZE = 300
+
+FRUITS = ("apples", "pears", "plums", "figs", "limes", "kiwis", "dates", "grapes", "lemons", "mangos", "melons",
+          "peaches")
+NAMES = (("Tom", "he"), ("Sam", "he"), ("Ann", "she"), ("Mia", "she"))
+# Question phrasings; {items} is "7 apples, 3 pears and 9 plums".
+TEMPLATES = (
+    "{name} has {items}. How many fruits does {pron} have?",
+    "{name} buys {items}. How many fruits does {pron} buy in total?",
+    "A basket holds {items}. How many fruits are in the basket?",
+    "{name} picks {items}. What is the total number of fruits?",
+)
+
+# Words the tiny tokenizers keep whole (with or without a leading space); everything else is one character.
+WORDS = FRUITS + tuple(n for n, _ in NAMES) + (
+    "he", "she", "has", "buys", "holds", "picks", "How", "many", "fruits", "does", "have", "buy", "in", "total",
+    "are", "the", "basket", "What", "is", "number", "of", "and", "A", "You", "a", "helpful", "assistant", "system",
+    "user", "####")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One problem: the counts, the fruit names, the question text and the gold answer text."""
+
+    terms: tuple[int, ...]
+    labels: tuple[str, ...]
+    question: str
+    answer: str
+
+    @property
+    def target(self) -> int:
+        return sum(self.terms)
+
+
+def content_key(terms: Sequence[int]) -> str:
+    return ",".join(str(t) for t in terms)
+
+
+def is_test(terms: Sequence[int]) -> bool:
+    """The content split: True for the held-out lists of counts (about one in ten)."""
+    digest = hashlib.sha256(content_key(terms).encode()).digest()
+    return int.from_bytes(digest[:8], "big") % TEST_FRACTION_MOD == 0
+
+
+def question_text(terms: Sequence[int], labels: Sequence[str], template: int, name: int = 0) -> str:
+    parts = [f"{t} {label}" for t, label in zip(terms, labels)]
+    items = ", ".join(parts[:-1]) + " and " + parts[-1]
+    person, pron = NAMES[name]
+    return TEMPLATES[template].format(name=person, pron=pron, items=items)
+
+
+def answer_text(terms: Sequence[int], labels: Sequence[str]) -> str:
+    """The first count, then one addition per line (fruit name first), then ``#### total``."""
+    total = terms[0]
+    lines = [f"{labels[0]}:{total}"]
+    for t, label in zip(terms[1:], labels[1:]):
+        lines.append(f"{label}:{total}+{t}={total + t}")
+        total += t
+    return "\n".join(lines) + f"\n#### {total}"
+
+
+def make_item(terms: Sequence[int], labels: Sequence[str] | None = None, template: int = 0, name: int = 0) -> Item:
+    terms = tuple(int(t) for t in terms)
+    labels = tuple(labels) if labels is not None else FRUITS[: len(terms)]
+    if len(labels) != len(terms) or len(set(labels)) != len(labels):
+        raise ValueError(f"need {len(terms)} distinct fruit names, got {labels!r}")
+    return Item(terms, labels, question_text(terms, labels, template, name), answer_text(terms, labels))
+
+
+def sample_item(rng: random.Random, split: str = "train") -> Item:
+    """Draw one item of ``split`` ("train" or "test") by rejection on the content hash."""
+    want_test = split == "test"
+    while True:
+        n = rng.randint(MIN_TERMS, MAX_TERMS)
+        terms = [rng.randint(1, 9) for _ in range(n)]
+        labels = rng.sample(FRUITS, n)
+        template, name = rng.randrange(len(TEMPLATES)), rng.randrange(len(NAMES))
+        if is_test(terms) == want_test:
+            return make_item(terms, labels, template, name)
+
+
+def make_test_items(n: int = TEST_SIZE, seed: int = TEST_SEED) -> list[Item]:
+    """``n`` held-out items with distinct lists of counts, deterministic in ``seed``."""
+    rng, seen, items = random.Random(seed), set(), []
+    while len(items) < n:
+        item = sample_item(rng, "test")
+        if item.terms not in seen:
+            seen.add(item.terms)
+            items.append(item)
+    return items
+
+
+def write_jsonl(items: Iterable[Item], path: str = DATA_PATH) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i, item in enumerate(items):
+            f.write(json.dumps({"id": f"arith-{i:04d}", "question": item.question, "answer": item.answer}) + "\n")
+
+
+def load_jsonl(path: str = DATA_PATH, limit: int | None = None) -> list[dict]:
+    """The held-out items as dicts with ``question`` and ``answer`` (gsm8k schema)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
+
+
+# -- scoring ---------------------------------------------------------------------------------------------------
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final number: the first number after the last ``####``, else the last number in the text."""
+    if "####" in text:
+        found = _NUMBER.search(text.rsplit("####", 1)[1])
+        if found:
+            return found.group(0)
+    found = _NUMBER.findall(text)
+    return found[-1] if found else None
+
+
+def gold_answer(answer: str) -> str:
+    got = extract_answer(answer)
+    if got is None:
+        raise ValueError(f"gold answer without a number: {answer!r}")
+    return got
+
+
+def is_correct(prediction: str, answer: str) -> bool:
+    got = extract_answer(prediction)
+    if got is None:
+        return False
+    try:
+        return float(got) == float(gold_answer(answer))
+    except ValueError:
+        return False
+
+
+# -- evaluation ------------------------------------------------------------------------------------------------
+def default_generation_kwargs(family: str) -> dict:
+    """Vanilla decoding: one token per step over the 64-token answer window, greedy."""
+    if family == "dream":
+        return {"max_new_tokens": GEN_LENGTH, "steps": GEN_LENGTH, "alg": "entropy", "temperature": 0.0}
+    if family == "llada":
+        return {"gen_length": GEN_LENGTH, "steps": GEN_LENGTH, "block_length": 32, "remasking": "low_confidence",
+                "temperature": 0.0}
+    raise ValueError(f"unknown diffusion family {family!r}; expected 'dream' or 'llada'")
+
+
+def merge_kwargs(family: str, overrides: dict) -> dict:
+    """Family defaults updated by ``overrides``; a LLaDA-style name replaces its Dream-style twin and back."""
+    kwargs = default_generation_kwargs(family)
+    twins = {"gen_length": "max_new_tokens", "max_new_tokens": "gen_length", "remasking": "alg", "alg": "remasking"}
+    for key in overrides:
+        if key in twins:
+            kwargs.pop(twins[key], None)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def chat_prompts(tokenizer: Any, questions: Sequence[str]) -> list[str]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                          tokenize=False) for q in questions]
+
+
+def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int = 64, progress: bool = False,
+             **gen_kwargs: Any) -> dict:
+    """Accuracy and speed of ``model.diffusion_generate(**gen_kwargs)`` on ``rows`` (dicts with question/answer).
+
+    ``gen_kwargs`` are passed through unchanged (with ``return_dict_in_generate=True`` added). Returns accuracy,
+    n, tokens_per_s (response tokens up to EOS over generation wall time), tokens_per_forward, forwards (per
+    batch, summed), the predictions and the summed per-batch stats.
+    """
+    import torch
+
+    gen_kwargs = dict(gen_kwargs)
+    gen_kwargs["return_dict_in_generate"] = True
+    device = getattr(model, "device", torch.device("cpu"))
+    correct, predictions = 0, []
+    tokens = forwards_x_rows = forwards = 0
+    seconds = 0.0
+    batches = range(0, len(rows), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="eval", unit="batch")
+    for start in batches:
+        chunk = rows[start:start + batch_size]
+        enc = tokenizer(chat_prompts(tokenizer, [r["question"] for r in chunk]), return_tensors="pt",
+                        padding=True, padding_side="left", add_special_tokens=False)
+        out = model.diffusion_generate(enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                                       **gen_kwargs)
+        prompt_length = enc["input_ids"].shape[1]
+        texts = tokenizer.batch_decode(out.sequences[:, prompt_length:].cpu(), skip_special_tokens=True)
+        stats = out.stats or {}
+        batch_tokens = int(sum(stats.get("response_tokens", [0])))
+        tokens += batch_tokens
+        forwards += int(stats.get("forwards", 0))
+        forwards_x_rows += int(stats.get("forwards", 0)) * len(chunk)
+        seconds += float(stats.get("wall_time_s", 0.0))
+        for row, text in zip(chunk, texts):
+            ok = is_correct(text, row["answer"])
+            correct += ok
+            predictions.append({"question": row["question"], "prediction": text, "correct": bool(ok)})
+    n = len(rows)
+    return {
+        "accuracy": correct / n if n else float("nan"),
+        "correct": correct,
+        "n": n,
+        "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
+        "tokens_per_forward": tokens / forwards_x_rows if forwards_x_rows else float("nan"),
+        "forwards": forwards,
+        "response_tokens": tokens,
+        "wall_time_s": seconds,
+        "predictions": predictions,
+    }
+
+
+def signal_settings(family: str) -> list[tuple[str, dict]]:
+    """The signal-check table: vanilla, then fewer steps (2, 4, 8 tokens per step) and other orders."""
+    g = GEN_LENGTH
+    if family == "dream":
+        return [
+            ("vanilla entropy, steps=64", {}),
+            ("maskgit_plus, steps=64", {"alg": "maskgit_plus"}),
+            ("topk_margin, steps=64", {"alg": "topk_margin"}),
+            ("origin (random order), steps=64", {"alg": "origin", "seed": 0}),
+            ("entropy, steps=32", {"steps": g // 2}),
+            ("entropy, steps=16", {"steps": g // 4}),
+            ("entropy, steps=8 (gen/8)", {"steps": g // 8}),
+        ]
+    return [
+        ("vanilla low_confidence, block 32, steps=64", {}),
+        ("low_confidence, one block, steps=64", {"block_length": g}),
+        ("random remasking, block 32, steps=64", {"remasking": "random", "seed": 0}),
+        ("low_confidence, block 32, steps=32", {"steps": g // 2}),
+        ("low_confidence, block 32, steps=16", {"steps": g // 4}),
+        ("low_confidence, block 32, steps=8 (gen/8)", {"steps": g // 8}),
+    ]
+
+
+# -- CLI -------------------------------------------------------------------------------------------------------
+def parse_value(text: str) -> Any:
+    """``"3"`` → 3, ``"0.9"`` → 0.9, ``"true"`` → True, ``"none"`` → None, ``"[1,2]"`` → [1, 2], else the text."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.strip()[:1] in "[{":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    return text
+
+
+def parse_overrides(args: Sequence[str]) -> dict:
+    """``key=value``, ``--key value``, ``--key=value`` and bare ``--flag`` (True) → kwargs (dashes → underscores)."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            body = arg[2:]
+            if "=" in body:
+                key, value = body.split("=", 1)
+                out[key.replace("-", "_")] = parse_value(value)
+            elif i + 1 < len(args) and not args[i + 1].startswith("--") and "=" not in args[i + 1]:
+                out[body.replace("-", "_")] = parse_value(args[i + 1])
+                i += 1
+            else:
+                out[body.replace("-", "_")] = True
+        elif "=" in arg:
+            key, value = arg.split("=", 1)
+            out[key.replace("-", "_")] = parse_value(value)
+        else:
+            raise SystemExit(f"arith: cannot parse argument {arg!r}; use key=value or --key value")
+        i += 1
+    return out
+
+
+def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    import models  # noqa: F401  (registers Dream/LLaDA with the Auto classes)
+
+    torch_dtype = getattr(torch, dtype)
+    model = AutoModel.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _fmt(result: dict) -> str:
+    return (f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['n']})  "
+            f"tokens/s {result['tokens_per_s']:.1f}  tokens/forward {result['tokens_per_forward']:.3f}  "
+            f"forwards {result['forwards']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dkvcache.tasks.arith", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint directory (e.g. assets/tiny-dream)")
+    ap.add_argument("--data", default=DATA_PATH, help="held-out JSONL (default: the shipped one)")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--signal", action="store_true", help="print the accuracy table over the signal-check settings")
+    ap.add_argument("--show", type=int, default=0, help="print the first N predictions")
+    ap.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    ap.add_argument("--write-test-set", metavar="PATH", nargs="?", const=DATA_PATH,
+                    help=f"regenerate the held-out JSONL ({TEST_SIZE} items, seed {TEST_SEED}) and exit")
+    args, rest = ap.parse_known_args(argv)
+    if args.write_test_set:
+        write_jsonl(make_test_items(), args.write_test_set)
+        print(f"wrote {TEST_SIZE} held-out items to {args.write_test_set}")
+        return 0
+    if not args.model:
+        ap.error("--model is required")
+    overrides = parse_overrides(rest)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    family = model.diffusion_family
+    rows = load_jsonl(args.data, args.limit)
+    settings = signal_settings(family) if args.signal else [("run", {})]
+    results = []
+    for name, setting in settings:
+        kwargs = merge_kwargs(family, {**setting, **overrides})
+        start = time.perf_counter()
+        result = evaluate(model, tokenizer, rows, batch_size=args.batch_size, **kwargs)
+        result["setting"], result["kwargs"] = name, kwargs
+        result["eval_s"] = time.perf_counter() - start
+        results.append(result)
+        print(f"[{args.model}] {name}: {kwargs}")
+        print("  " + _fmt(result), flush=True)
+        for p in result["predictions"][: args.show]:
+            print(f"  {'OK ' if p['correct'] else 'BAD'} {p['question']!r} -> {p['prediction']!r}")
+        if args.json:
+            print(json.dumps({k: v for k, v in result.items() if k != "predictions"}))
+    if args.signal:
+        print("\n| setting | accuracy | tokens/forward | tokens/s |\n|---|---|---|---|")
+        for r in results:
+            print(f"| {r['setting']} | {100 * r['accuracy']:.1f} % | {r['tokens_per_forward']:.2f} | "
+                  f"{r['tokens_per_s']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
