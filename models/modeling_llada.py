@@ -20,8 +20,8 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from dkvcache.generation import DiffusionGenerationMixin
+from dkvcache.partial_forward import PartialForwardMixin, RMSNorm
 from models.configuration_llada import LLaDAConfig
-from models.partial_forward import PartialForwardMixin, RMSNorm
 
 
 class LLaDALlamaBlock(nn.Module):

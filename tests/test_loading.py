@@ -108,3 +108,24 @@ def test_dream_tokenizer_loads_hub_layout_offline(parity_checkpoints, tmp_path):
     ids = tokenizer("hehe")["input_ids"]
     assert tokenizer.decode(ids) == "hehe" and len(ids) == 2  # the "he" merge applied
     assert tokenizer.eos_token == tokenizer.pad_token == tokenizer.bos_token == "<|endoftext|>"
+
+
+def test_device_map_and_gradients(parity_checkpoints):
+    model = LLaDAModelLM.from_pretrained(parity_checkpoints / "tiny-llada", dtype=torch.float32, device_map="cpu")
+    assert model.device.type == "cpu"
+    small = tiny_dream()
+    ids = random_prompts(2, 6)
+    loss = small(ids).logits.logsumexp(-1).mean()
+    loss.backward()  # the plain forward is differentiable (training, log-likelihoods)
+    assert small.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("first,second", [("dkvcache", "models"), ("models", "dkvcache"),
+                                          ("dkvcache.generation", "models.modeling_llada")])
+def test_no_import_cycle(first, second):
+    import subprocess
+    import sys
+
+    code = f"import {first}, {second}; import dkvcache; print(dkvcache.DreamModel.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "DreamModel", out.stderr

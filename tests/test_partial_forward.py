@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dkvcache.indexing import ragged_indices, slots_of
-from models.partial_forward import layer_forward, positions_from_mask
+from dkvcache.partial_forward import layer_forward, positions_from_mask
 from tests.conftest import left_pad, random_prompts, tiny_dream, tiny_llada
 
 BUILDERS = [tiny_dream, tiny_llada]

@@ -2,7 +2,7 @@
 
 A strategy decides, before each step, which positions are fed through the model (the rest is read from the K/V
 buffers), and does its bookkeeping after the step. It never touches layers' internals; strategies that need a
-per-layer decision install a layer hook (see ``models.partial_forward.LayerHook``).
+per-layer decision install a layer hook (see ``dkvcache.partial_forward.LayerHook``).
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from dkvcache.caches.base import CacheStrategy, StepPlan, register_strategy
 from dkvcache.caches.dkv import _positive_int
+from dkvcache.partial_forward import ForwardContext, attention_sublayer, rows_context
 from dkvcache.state import DecodeState
-from models.partial_forward import ForwardContext, attention_sublayer, rows_context
 
 # (kp, kr) per task for {family}-{base|inst}, from the d2Cache framework's gen_args (= the d2Cache paper's
 # Table 3 and the dLLM-Cache scripts).
