@@ -1,0 +1,156 @@
+"""What examples/dream_generate.py and examples/llada_generate.py share: prompts, loading, the batch loop and the
+report (answers cut at EOS, tokens/s by one rule, tokens per forward, fed fraction, peak memory, --compare)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+import models  # noqa: E402,F401  (registers the Auto classes)
+from dkvcache.bench import random_prompts  # noqa: E402
+from dkvcache.caches import available_strategies  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+def add_common_flags(p: argparse.ArgumentParser, default_model: Path) -> None:
+    p.add_argument("--model", default=str(default_model),
+                   help=f"checkpoint directory or Hub id (default: the shipped {default_model.name})")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens to generate (max_new_tokens / gen_length)")
+    p.add_argument("--steps", type=int, help="denoising steps (default = seq-len)")
+    p.add_argument("--cache-steps", type=int, default=4, help="refresh interval of the cache")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--prompts-file", help="a .txt file (one prompt per line) or .jsonl ('question' or 'prompt')")
+    p.add_argument("--dataset", default="arith", help="built-in prompts when no --prompts-file: 'arith' (the tiny "
+                   "task's held-out questions) or 'random' (random ids, no tokenizer needed)")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0, help="per-row sampling seeds start here")
+    p.add_argument("--compare", action="store_true", help="also run without cache on the same prompts: speed-up")
+    p.add_argument("--quiet", action="store_true", help="do not print the answers")
+
+
+def read_prompts(args: argparse.Namespace) -> list[str] | None:
+    """Questions from --prompts-file or the built-in dataset; None for random ids."""
+    if args.prompts_file:
+        lines = [x for x in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if x.strip()]
+        if args.prompts_file.endswith(".jsonl"):
+            lines = [(row := json.loads(x)).get("question", row.get("prompt")) for x in lines]
+        return lines[: args.num_prompts]
+    if args.dataset == "arith":
+        from dkvcache.tasks.arith import load_jsonl
+
+        return [row["question"] for row in load_jsonl(limit=args.num_prompts)]
+    if args.dataset == "random":
+        return None
+    raise SystemExit(f"error: --dataset {args.dataset!r} is unknown; allowed: arith, random (or --prompts-file)")
+
+
+def load(cls: Any, args: argparse.Namespace) -> tuple[Any, Any, torch.device]:
+    """(model, tokenizer or None, device)."""
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    model = cls.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
+    path = Path(args.model)
+    tokenizer = None
+    # transformers 5 builds an *empty* tokenizer from a local directory without vocabulary files: look first.
+    if not path.is_dir() or any((path / name).is_file() for name in TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    return model, tokenizer, device
+
+
+def encode(tokenizer: Any, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat-templated (when the tokenizer has a template), left-padded ids and attention mask."""
+    if getattr(tokenizer, "chat_template", None):
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def check_strategy(name: str) -> None:
+    strategies = available_strategies()
+    if name not in strategies:
+        raise SystemExit(f"error: cache_type={name!r} is not registered; available: {sorted(strategies)}")
+
+
+def run(model: Any, tokenizer: Any, device: torch.device, prompts: list[str] | None, args: argparse.Namespace,
+        kwargs: dict[str, Any], label: str, show: bool) -> dict[str, float]:
+    """Generate for every prompt in batches; print answers (when ``show``) and return the totals."""
+    count = len(prompts) if prompts is not None else args.num_prompts
+    tokens = forwards_rows = 0
+    fed, seconds = [], 0.0
+    for start in tqdm(range(0, count, args.batch_size), desc=label, unit="batch", leave=False):
+        size = min(args.batch_size, count - start)
+        if prompts is not None and tokenizer is not None:
+            ids, mask = encode(tokenizer, prompts[start:start + size], device)
+        else:
+            ids, mask = random_prompts(model.config, size, 32, args.seed + start).to(device), None
+        out = model.diffusion_generate(ids, attention_mask=mask, seed=args.seed + start,
+                                       return_dict_in_generate=True, **kwargs)
+        stats = out.stats
+        seconds += stats["wall_time_s"]
+        tokens += sum(stats["response_tokens"])
+        forwards_rows += stats["forwards"] * size
+        fed.append(stats["fed_fraction"])
+        for i, (row, n) in enumerate(zip(out.sequences[:, ids.shape[1]:], stats["response_tokens"])):
+            if show:
+                question = prompts[start + i] if prompts is not None else "(random prompt ids)"
+                answer = tokenizer.decode(row[:n], skip_special_tokens=True) if tokenizer else row[:n].tolist()
+                print(f"\n>>> {question}\n{answer}")
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
+            "tokens_per_forward": tokens / max(forwards_rows, 1), "fed_fraction": sum(fed) / len(fed)}
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (GPU)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
+
+
+def report(label: str, totals: dict[str, float]) -> None:
+    print(f"{label}: {totals['tokens']} response tokens (up to EOS) in {totals['seconds']:.2f} s = "
+          f"{totals['tokens_per_s']:.1f} tokens/s, {totals['tokens_per_forward']:.2f} tokens per forward, "
+          f"fed fraction {totals['fed_fraction']:.3f}")
+
+
+def main_loop(cls: Any, args: argparse.Namespace, kwargs: dict[str, Any], label: str) -> int:
+    """Load, run the chosen setting (and no cache with --compare), print the report."""
+    model, tokenizer, device = load(cls, args)
+    prompts = read_prompts(args)
+    if prompts is not None and tokenizer is None:
+        print("note: no tokenizer in the model directory; using random prompt ids")
+        prompts = None
+    plain = {k: v for k, v in kwargs.items() if k not in ("use_cache", "cache_type", "cache_steps", "shift_type",
+                                                         "window_size")}
+    if args.compare:  # warm both settings up on one batch so neither pays first-call costs in the timing
+        warm = argparse.Namespace(**{**vars(args), "num_prompts": min(args.batch_size, args.num_prompts)})
+        for setting in (kwargs, plain):
+            run(model, tokenizer, device, prompts and prompts[: warm.num_prompts], warm, setting, "warm-up", False)
+    totals = run(model, tokenizer, device, prompts, args, kwargs, label, show=not args.quiet)
+    print()
+    report(label, totals)
+    if args.compare:
+        base = run(model, tokenizer, device, prompts, args, plain, "no cache", show=False)
+        report("no cache", base)
+        print(f"speed-up of {label} vs no cache: {base['seconds'] / max(totals['seconds'], 1e-9):.2f}x "
+              "(same prompts, same process)")
+    print(f"peak memory: {peak_memory(device)}")
+    return 0

@@ -1,0 +1,371 @@
+#!/usr/bin/env python3
+"""Train a tiny masked-diffusion LM in the real Dream or LLaDA checkpoint layout, on CPU, on the arithmetic task.
+
+    python examples/train_tiny.py --arch dream --out assets/tiny-dream
+    python examples/train_tiny.py --arch llada --out assets/tiny-llada
+
+Writes ``OUT/{config.json, generation_config.json, model.safetensors (bf16), tokenizer.json,
+tokenizer_config.json, train_log.jsonl}`` and prints the held-out accuracy of the saved checkpoint with vanilla
+decoding. Deterministic under ``--seed`` (same torch version and thread count).
+
+Objective (masked diffusion, as LLaDA/Dream SFT): per sequence t ~ U(eps, 1] (stratified over the batch); every
+response token (the answer, the end-of-turn token and the EOS padding up to 64 tokens) is replaced by MASK with
+probability t; the prompt is never masked. Loss = sum over masked tokens of CE / t, divided by the number of
+response tokens. Dream layout predicts token j from position j-1 (shifted, as the real Dream); LLaDA from j.
+
+Data: ``dkvcache.tasks.arith``; training items come from the train split only (disjoint by content from the
+held-out items).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from dkvcache.tasks import arith  # noqa: E402
+
+# -- tokenizers --------------------------------------------------------------------------------------------------
+# Special tokens mirror the real ones (names and overlaps): Dream bos = eos = pad = <|endoftext|>, its own
+# <|mask|>; LLaDA eos = pad = <|endoftext|>, bos <|startoftext|>, mask <|mdm_mask|>, end of turn <|eot_id|>.
+SPECIALS = {
+    "dream": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>", "<|unk|>"],
+    "llada": ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+              "<|mdm_mask|>", "<|unk|>"],
+}
+ROLES = {
+    "dream": {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": "<|endoftext|>", "mask": "<|mask|>",
+              "end_of_turn": "<|im_end|>"},
+    "llada": {"bos": "<|startoftext|>", "eos": "<|endoftext|>", "pad": "<|endoftext|>", "mask": "<|mdm_mask|>",
+              "end_of_turn": "<|eot_id|>"},
+}
+# The originals' chat templates (Qwen2.5's with its default system prompt for Dream; LLaDA-8B-Instruct's).
+CHAT_TEMPLATES = {
+    "dream": (
+        "{% for message in messages %}"
+        "{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    "llada": (
+        "{% set loop_messages = messages %}{% for message in loop_messages %}"
+        "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+        "message['content'] | trim + '<|eot_id|>' %}"
+        "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+}
+
+
+def build_tokenizer(arch: str):
+    """A word/character-level fast tokenizer: the task's words and the digits whole (optionally with a leading
+    space), any other printable ASCII character as one token, so every text round-trips exactly."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    specials = SPECIALS[arch]
+    pieces = list(specials) + ["\n", "\t"] + [chr(c) for c in range(32, 127)]
+    pieces += [f" {d}" for d in range(10)]
+    for word in arith.WORDS:
+        pieces += [word, " " + word]
+    vocab = {p: i for i, p in enumerate(dict.fromkeys(pieces))}
+    words = "|".join(sorted((w for w in arith.WORDS), key=len, reverse=True))
+    tok = Tokenizer(WordLevel(vocab, unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(rf" ?(?:{words})(?![A-Za-z])| ?[0-9]|[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    roles = ROLES[arch]
+    extra = [s for s in specials if s not in (roles["bos"], roles["eos"], roles["mask"], "<|unk|>")]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=roles["bos"], eos_token=roles["eos"], pad_token=roles["pad"],
+        mask_token=roles["mask"], unk_token="<|unk|>", additional_special_tokens=extra,
+        chat_template=CHAT_TEMPLATES[arch], padding_side="left", model_max_length=2048,
+        clean_up_tokenization_spaces=False)
+
+
+def save_tokenizer(tokenizer, out: str) -> None:
+    tokenizer.save_pretrained(out, save_jinja_files=False)
+    path = os.path.join(out, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["chat_template"] = tokenizer.chat_template
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+# -- model configs ----------------------------------------------------------------------------------------------
+def padded_vocab(n: int, multiple: int = 32) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def make_config(arch: str, tokenizer, args):
+    ids = {role: tokenizer.convert_tokens_to_ids(tok) for role, tok in ROLES[arch].items()}
+    vocab = padded_vocab(len(tokenizer))
+    if arch == "dream":
+        from models import DreamConfig
+
+        return DreamConfig(
+            vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.mlp or 4 * args.hidden,
+            num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or 2,
+            max_position_embeddings=2048, max_window_layers=args.layers, rope_theta=args.rope_theta,
+            rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False, sliding_window=None,
+            mask_token_id=ids["mask"], bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+            architectures=["DreamModel"], initializer_range=0.02,
+            auto_map={"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"})
+    from models import LLaDAConfig
+
+    return LLaDAConfig(
+        d_model=args.hidden, n_heads=args.heads, n_kv_heads=args.kv_heads or args.heads, n_layers=args.layers,
+        mlp_hidden_size=args.mlp or 4 * args.hidden, mlp_ratio=4, vocab_size=vocab, embedding_size=vocab,
+        max_sequence_length=2048, rope_theta=args.rope_theta, rms_norm_eps=1e-5, weight_tying=False,
+        mask_token_id=ids["mask"], eos_token_id=ids["eos"], pad_token_id=ids["pad"], bos_token_id=ids["bos"],
+        architectures=["LLaDAModelLM"],
+        auto_map={"AutoConfig": "configuration_llada.LLaDAConfig",
+                  "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM", "AutoModel": "modeling_llada.LLaDAModelLM"})
+
+
+def make_model(arch: str, config):
+    from models import DreamModel, LLaDAModelLM
+
+    model = DreamModel(config) if arch == "dream" else LLaDAModelLM(config)
+    std = 0.02
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # norms start at 1, biases at 0
+                p.fill_(1.0 if name.endswith("norm.weight") or ".ln_f." in name or "_norm." in name else 0.0)
+            else:
+                p.normal_(0.0, std)
+    return model
+
+
+def generation_config(arch: str, config) -> dict:
+    if arch == "dream":
+        return {"alg": "entropy", "alg_temp": None, "bos_token_id": config.bos_token_id,
+                "eos_token_id": config.eos_token_id, "eps": 0.001, "mask_token_id": config.mask_token_id,
+                "max_new_tokens": arith.GEN_LENGTH, "pad_token_id": config.pad_token_id, "steps": arith.GEN_LENGTH,
+                "temperature": 0.0, "top_k": None, "top_p": None}
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.pad_token_id}
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+class Encoder:
+    """Prompt ids (chat template applied) and fixed-length response ids (answer, end of turn, EOS padding)."""
+
+    def __init__(self, tokenizer, arch: str, gen_length: int) -> None:
+        self.tokenizer, self.gen_length = tokenizer, gen_length
+        self.eos = tokenizer.convert_tokens_to_ids(ROLES[arch]["eos"])
+        self.end_of_turn = tokenizer.convert_tokens_to_ids(ROLES[arch]["end_of_turn"])
+        self.pad = tokenizer.convert_tokens_to_ids(ROLES[arch]["pad"])
+
+    def prompts(self, questions):
+        texts = arith.chat_prompts(self.tokenizer, questions)
+        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    def response(self, answer: str) -> list[int]:
+        ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.end_of_turn]
+        if len(ids) > self.gen_length:
+            raise ValueError(f"answer of {len(ids)} tokens does not fit gen_length={self.gen_length}: {answer!r}")
+        return ids + [self.eos] * (self.gen_length - len(ids))
+
+    def batch(self, items):
+        prompts = self.prompts([it.question for it in items])
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(items), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        response = torch.tensor([self.response(it.answer) for it in items], dtype=torch.long)
+        return ids, mask, response
+
+
+def diffusion_loss(model, arch: str, prompt_ids, prompt_mask, response, mask_id: int, gen: torch.Generator,
+                   eps: float = 1e-3):
+    """Masked-diffusion loss of one batch (see the module docstring)."""
+    batch, width = prompt_ids.shape
+    # stratified t: one uniform draw, spread over the batch (lower variance than independent draws)
+    u = (torch.rand((), generator=gen) + torch.arange(batch) / batch) % 1.0
+    t = eps + (1 - eps) * u[torch.randperm(batch, generator=gen)]
+    masked = torch.rand(response.shape, generator=gen) < t[:, None]
+    noisy = torch.where(masked, torch.full_like(response, mask_id), response)
+    x = torch.cat([prompt_ids, noisy], dim=1)
+    attn = torch.cat([prompt_mask, torch.ones_like(response)], dim=1)
+    logits = model(x, attention_mask=attn).logits
+    if arch == "dream":
+        pred = logits[:, width - 1: width - 1 + response.shape[1]]  # position j-1 predicts token j
+    else:
+        pred = logits[:, width:]
+    ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), response.reshape(-1), reduction="none")
+    ce = ce.view_as(response)
+    loss = (ce * masked / t[:, None]).sum() / response.numel()
+    return loss, (ce * masked).sum() / masked.sum().clamp(min=1)
+
+
+# -- main --------------------------------------------------------------------------------------------------------
+DEFAULTS = {  # per architecture, the settings the shipped checkpoints were trained with
+    "dream": {"hidden": 128, "layers": 4, "heads": 4, "kv_heads": 2, "steps": 2000},
+    "llada": {"hidden": 128, "layers": 4, "heads": 4, "kv_heads": None, "steps": 2000},
+}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", required=True, choices=["dream", "llada"])
+    ap.add_argument("--out", required=True, help="checkpoint directory to write")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: per-arch, see DEFAULTS)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--min-lr-ratio", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--hidden", type=int, default=None)
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--heads", type=int, default=None)
+    ap.add_argument("--kv-heads", type=int, default=None)
+    ap.add_argument("--mlp", type=int, default=None, help="MLP width (default 4 * hidden)")
+    ap.add_argument("--rope-theta", type=float, default=10000.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--eval-limit", type=int, default=None, help="held-out items to score at the end (default all)")
+    ap.add_argument("--eval-batch-size", type=int, default=100)
+    ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--monitor-every", type=int, default=0,
+                    help="every N steps, decode --monitor-items fresh *train-split* items (vanilla) and log accuracy")
+    ap.add_argument("--monitor-items", type=int, default=32)
+    args = ap.parse_args(argv)
+    for key, value in DEFAULTS[args.arch].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def lr_at(step: int, args) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    ratio = args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return args.lr * ratio
+
+
+def train(args) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+
+    import models  # noqa: F401  (Auto registrations)
+
+    tokenizer = build_tokenizer(args.arch)
+    config = make_config(args.arch, tokenizer, args)
+    model = make_model(args.arch, config)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.arch}: {n_params / 1e6:.2f}M parameters, vocab {config.vocab_size} "
+          f"(tokenizer {len(tokenizer)}), {args.steps} steps x {args.batch_size}", flush=True)
+    encoder = Encoder(tokenizer, args.arch, arith.GEN_LENGTH)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    log_path = os.path.join(args.out, "train_log.jsonl")
+    log = open(log_path, "w", encoding="utf-8")
+    start = time.perf_counter()
+    model.train()
+    run_loss = run_ce = 0.0
+    bar = tqdm(range(args.steps), desc=f"train {args.arch}", unit="step", mininterval=2.0)
+    for step in bar:
+        lr = lr_at(step, args)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        items = [arith.sample_item(rng, "train") for _ in range(args.batch_size)]
+        prompt_ids, prompt_mask, response = encoder.batch(items)
+        loss, ce = diffusion_loss(model, args.arch, prompt_ids, prompt_mask, response, config.mask_token_id, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        run_loss += loss.item()
+        run_ce += ce.item()
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            k = (step % args.log_every) + 1
+            record = {"step": step + 1, "loss": run_loss / k, "masked_ce": run_ce / k, "lr": lr,
+                      "elapsed_s": round(time.perf_counter() - start, 1)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{record['loss']:.4f}", ce=f"{record['masked_ce']:.4f}")
+            run_loss = run_ce = 0.0
+        if args.monitor_every and (step + 1) % args.monitor_every == 0 and step + 1 < args.steps:
+            acc = monitor(model, tokenizer, args)
+            log.write(json.dumps({"step": step + 1, "monitor_accuracy": acc}) + "\n")
+            log.flush()
+            tqdm.write(f"step {step + 1}: vanilla accuracy on {args.monitor_items} train-split items {acc:.3f}")
+            model.train()
+    log.close()
+    train_s = time.perf_counter() - start
+    print(f"training: {train_s:.0f} s", flush=True)
+
+    model.eval()
+    model.config.torch_dtype = "bfloat16"
+    model.to(torch.bfloat16).save_pretrained(args.out, safe_serialization=True)
+    save_tokenizer(tokenizer, args.out)
+    with open(os.path.join(args.out, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump(generation_config(args.arch, config), f, indent=2, sort_keys=True)
+        f.write("\n")
+    result = {"train_s": train_s, "params": n_params}
+    if not args.no_eval:
+        result.update(evaluate_checkpoint(args.out, args.eval_limit, args.eval_batch_size))
+    result["total_s"] = time.perf_counter() - start
+    print(f"total wall time: {result['total_s']:.0f} s", flush=True)
+    return result
+
+
+def monitor(model, tokenizer, args) -> float:
+    """Accuracy on fresh train-split items (never the held-out ones), from an RNG independent of training."""
+    rng = random.Random(10_000 + args.seed)
+    items = [arith.sample_item(rng, "train") for _ in range(args.monitor_items)]
+    rows = [{"question": it.question, "answer": it.answer} for it in items]
+    model.eval()
+    kwargs = arith.default_generation_kwargs(args.arch)
+    return arith.evaluate(model, tokenizer, rows, batch_size=args.monitor_items, **kwargs)["accuracy"]
+
+
+def evaluate_checkpoint(path: str, limit=None, batch_size: int = 100) -> dict:
+    """Reload the saved (bf16) checkpoint in float32 and score the held-out items with vanilla decoding."""
+    model, tokenizer = arith.load_model(path, "float32")
+    rows = arith.load_jsonl(arith.DATA_PATH, limit)
+    kwargs = arith.default_generation_kwargs(model.diffusion_family)
+    res = arith.evaluate(model, tokenizer, rows, batch_size=batch_size, **kwargs)
+    print(f"held-out accuracy (vanilla {kwargs}): {100 * res['accuracy']:.1f} % ({res['correct']}/{res['n']}), "
+          f"tokens/forward {res['tokens_per_forward']:.3f}, tokens/s {res['tokens_per_s']:.1f}", flush=True)
+    bad = [p for p in res["predictions"] if not p["correct"]][:3]
+    for p in bad:
+        print(f"  wrong: {p['question']!r} -> {p['prediction']!r}")
+    return {"accuracy": res["accuracy"], "n": res["n"]}
+
+
+def main(argv=None) -> int:
+    train(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
