@@ -177,7 +177,8 @@ def check_setting(model: Any, prompt_len: int, kwargs: dict[str, Any]) -> None:
     from dkvcache.options import resolve_options
 
     family = model.diffusion_family
-    opts = resolve_options(family, model.config, prompt_len, None, dict(kwargs), caches.available_strategies())
+    opts = resolve_options(family, model.config, prompt_len, None, dict(kwargs), caches.available_strategies(),
+                           caches.default_block_lengths())
     caches.get_strategy(opts.cache_type).check(opts.cache_options, family, opts)
 
 

@@ -37,8 +37,8 @@ STRATEGY_SETTINGS: dict[str, str] = {
     "prefill": "use_cache=True,cache_type=prefill",
     "pd": "use_cache=True,cache_type=pd,cache_steps=4",
     "greedy": "use_cache=True,cache_type=greedy,cache_steps=2,remasking=random",
-    "prefix": "use_cache=True,cache_type=prefix,block_length=32",
-    "dual": "use_cache=True,cache_type=dual,block_length=32",
+    "prefix": "use_cache=True,cache_type=prefix",
+    "dual": "use_cache=True,cache_type=dual",
     "dllm": "use_cache=True,cache_type=dllm,kp=50,kr=2,rou=0.25",
 }
 

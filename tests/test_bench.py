@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from dkvcache import bench
-from models import DreamConfig, DreamModel
+from models import DreamConfig
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "dream_generate.py"
@@ -92,66 +88,3 @@ def test_bench_rejects_unknown_strategy(tmp_path: Path, capsys: pytest.CaptureFi
     assert bench.main(argv) == 2
     assert "available cache strategies" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
-
-
-def _tiny_dream_dir(path: Path, with_tokenizer: bool) -> Path:
-    torch.manual_seed(0)
-    config = DreamConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, mask_token_id=319, pad_token_id=0,
-                         eos_token_id=0, bos_token_id=0)
-    DreamModel(config).save_pretrained(path)
-    if with_tokenizer:
-        from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
-        from tokenizers import models as tok_models
-
-        tok = Tokenizer(tok_models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(["What is the capital of France? Paris is the capital."] * 4, trainer)
-        tok.save(str(path / "tokenizer.json"))
-        template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-        (path / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "DreamTokenizer", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-             "chat_template": template}))
-    return path
-
-
-def test_dream_generate_script_exits_zero(tmp_path: Path) -> None:
-    model_dir = _tiny_dream_dir(tmp_path / "tiny-dream", with_tokenizer=True)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps({"question": q}) for q in ["What is the capital?", "Paris?", "Hi"]))
-    proc = subprocess.run([sys.executable, str(EXAMPLE), "--model", str(model_dir), "--seq-len", "8",
-                           "--batch-size", "2", "--prompts-file", str(prompts)],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr
-    assert "What is the capital?" in proc.stdout and "tokens/s" in proc.stdout
-    assert "fed fraction 1.000" in proc.stdout
-
-
-def test_dream_generate_without_tokenizer_and_missing_cache(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                            one_thread: None) -> None:
-    spec = importlib.util.spec_from_file_location("dream_generate_example", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    model_dir = _tiny_dream_dir(tmp_path / "no-tok", with_tokenizer=False)
-    assert example.main(["--model", str(model_dir), "--seq-len", "8", "--steps", "4"]) == 0
-    out = capsys.readouterr().out
-    assert "random prompt ids" in out and "tokens per forward" in out
-    if "decoded" not in example.available_strategies():
-        assert example.main(["--model", str(model_dir), "--decode"]) == 2
-        assert "available" in capsys.readouterr().err
-
-
-def test_dream_generate_random_fallback(tmp_path: Path, capsys: pytest.CaptureFixture, one_thread: None,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = importlib.util.spec_from_file_location("dream_generate_example_fallback", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    monkeypatch.setattr(example, "DEFAULT_MODEL", tmp_path / "absent")
-    assert example.main(["--seq-len", "8", "--batch-size", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "random-init Dream model" in out and out.count("(random prompt ids)") == 2
