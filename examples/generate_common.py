@@ -27,6 +27,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 def add_common_flags(p: argparse.ArgumentParser, default_model: Path) -> None:
     p.add_argument("--model", default=str(default_model),
                    help=f"checkpoint directory or Hub id (default: the shipped {default_model.name})")
+    p.set_defaults(default_model=str(default_model))
     p.add_argument("--seq-len", type=int, default=64, help="tokens to generate (max_new_tokens / gen_length)")
     p.add_argument("--steps", type=int, help="denoising steps (default = seq-len)")
     p.add_argument("--cache-steps", type=int, default=4, help="refresh interval of the cache")
@@ -34,7 +35,7 @@ def add_common_flags(p: argparse.ArgumentParser, default_model: Path) -> None:
     p.add_argument("--prompts-file", help="a .txt file (one prompt per line) or .jsonl ('question' or 'prompt')")
     p.add_argument("--dataset", default="arith", help="built-in prompts when no --prompts-file: 'arith' (the tiny "
                    "task's held-out questions) or 'random' (random ids, no tokenizer needed)")
-    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0, help="per-row sampling seeds start here")
@@ -58,12 +59,29 @@ def read_prompts(args: argparse.Namespace) -> list[str] | None:
     raise SystemExit(f"error: --dataset {args.dataset!r} is unknown; allowed: arith, random (or --prompts-file)")
 
 
+def _random_model(cls: Any, seed: int) -> Any:
+    """A small random-init model of ``cls``'s family (when the shipped checkpoint is absent)."""
+    from models import DreamConfig, LLaDAConfig
+
+    torch.manual_seed(seed)
+    if cls.diffusion_family == "dream":
+        return cls(DreamConfig(vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, mask_token_id=2047, pad_token_id=2046,
+                               eos_token_id=2046, bos_token_id=2046))
+    return cls(LLaDAConfig(d_model=128, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=352, vocab_size=2048,
+                           embedding_size=2048, mask_token_id=2047, eos_token_id=2046, pad_token_id=2046))
+
+
 def load(cls: Any, args: argparse.Namespace) -> tuple[Any, Any, torch.device]:
     """(model, tokenizer or None, device)."""
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    model = cls.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
+    dtype = getattr(torch, args.dtype)
     path = Path(args.model)
+    if args.model == args.default_model and not path.is_dir():
+        print(f"note: {path} not found; using a small random-init model (answers are noise)")
+        return _random_model(cls, args.seed).to(device=device, dtype=dtype).eval(), None, device
+    model = cls.from_pretrained(args.model, dtype=dtype).to(device).eval()
     tokenizer = None
     # transformers 5 builds an *empty* tokenizer from a local directory without vocabulary files: look first.
     if not path.is_dir() or any((path / name).is_file() for name in TOKENIZER_FILES):
