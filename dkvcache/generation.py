@@ -2,6 +2,8 @@
 
 Step order (the only place it lives): plan (strategy) → partial forward → logits at the candidates only →
 propose tokens → choose which to transfer (schedule / threshold) → write → bookkeeping (strategy) → hooks.
+The decoding strategy (``dkvcache.decoders``) plugs in at: extra fed tokens (WINO's shadow block), confidence
+adjustment (PC-sampler), the transfer choice (every decoder) and after the write (WINO's re-masking).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from dkvcache import caches
+from dkvcache.decoders import Decoder, StepView, make_decoder
 from dkvcache.density import certainty_density
 from dkvcache.indexing import ragged_indices, scatter_rows, slots_of
 from dkvcache.options import GenerationOptions, resolve_options
@@ -23,10 +26,7 @@ from dkvcache.sampling import (
     linspace_count,
     llada_quota,
     origin_transfer,
-    parallel_count,
     propose_tokens,
-    select_sampled,
-    select_top,
 )
 from dkvcache.state import DecodeState
 
@@ -121,8 +121,9 @@ def generate(model: Any, inputs: torch.Tensor | None, generation_config: Any = N
         raise ValueError(f"diffusion_generate: cfg_scale > 0 is not supported with cache_type={opts.cache_type!r}; "
                          "use cfg_scale=0 or use_cache=False")
     strategy = strategy_cls(**opts.cache_options)
+    decoder = make_decoder(opts, family, model)
     state = _build_state(model, family, opts, inputs, attention_mask)
-    return _denoise(state, strategy)
+    return _denoise(state, strategy, decoder)
 
 
 def _blocks(state: DecodeState) -> list[tuple[int, int, int]]:
@@ -134,7 +135,8 @@ def _blocks(state: DecodeState) -> list[tuple[int, int, int]]:
     return [(start + b * block, start + (b + 1) * block, per_block) for b in range(n_blocks)]
 
 
-def _denoise(state: DecodeState, strategy: caches.CacheStrategy) -> torch.Tensor | DiffusionOutput:
+def _denoise(state: DecodeState, strategy: caches.CacheStrategy,
+             decoder: Decoder) -> torch.Tensor | DiffusionOutput:
     opts = state.opts
     start_time = time.perf_counter()
     history: list = []
@@ -150,7 +152,7 @@ def _denoise(state: DecodeState, strategy: caches.CacheStrategy) -> torch.Tensor
             quota = llada_quota(state.masked()[:, block_start:block_end].sum(1), steps)
         for i in range(steps):
             state.step_in_block = i
-            if not _step(state, strategy, quota):
+            if not _step(state, strategy, decoder, quota):
                 break
             state.global_step += 1
             if opts.output_history:
@@ -162,6 +164,7 @@ def _denoise(state: DecodeState, strategy: caches.CacheStrategy) -> torch.Tensor
     if state.x.device.type == "cuda":
         torch.cuda.synchronize(state.x.device)
     stats = _stats(state, strategy, time.perf_counter() - start_time)
+    stats.update(decoder.stats())
     if not opts.return_dict_in_generate:
         return state.x
     return DiffusionOutput(sequences=state.x, history=history if opts.output_history else None, stats=stats)
@@ -172,7 +175,7 @@ def _all_rows_ended(state: DecodeState, block_end: int) -> bool:
     return bool((region == state.opts.eos_token_id).any(dim=1).all())
 
 
-def _step(state: DecodeState, strategy: caches.CacheStrategy, quota: torch.Tensor | None) -> bool:
+def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder, quota: torch.Tensor | None) -> bool:
     """One denoising step of the current block. Returns False when the block has nothing left to decode."""
     opts, length = state.opts, state.length
     candidates = state.masked()
@@ -186,11 +189,13 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, quota: torch.Tenso
         strategy.refreshes += 1
     source = cand_pos - 1 if state.family.shift_logits else cand_pos
     source = torch.where(cand_valid, source, length)
-    hidden = _forward(state, strategy, plan)
+    hidden, shadow = _forward(state, strategy, plan, decoder)
     full_mode = opts.full_logits or opts.generation_logits_hook_func or opts.generation_tokens_hook_func
     if full_mode:
         logits, full = _logits_everywhere(state, hidden, plan, cand_pos)
-        decodable = cand_valid
+        decodable = cand_valid  # a candidate whose source position was not fed has no prediction this step
+        if plan.fed_idx is not None:
+            decodable = cand_valid & (slots_of(plan.fed_idx, length).gather(1, source) >= 0)
     else:
         full = None
         logits, decodable = _logits_at(state, hidden, plan, source, cand_valid)
@@ -199,18 +204,22 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, quota: torch.Tenso
     push_last = []
     if opts.confidence_eos_eot_inf:
         push_last = [t for t in (opts.eos_token_id, opts.eot_token_id) if t is not None]
+    banned = _banned_ids(opts)
     x0, conf = propose_tokens(
         logits, family=state.family, alg=opts.alg, temperature=opts.temperature, top_p=opts.top_p,
         top_k=opts.top_k, row_seeds=state.row_seeds, step=state.noise_step, offsets=offsets,
-        banned_ids=_banned_ids(opts), push_last_ids=push_last)
+        banned_ids=banned, push_last_ids=push_last)
     override = strategy.confidence(state, cand_pos)
     if override is not None:
         conf = override
+    step = StepView(state, cand_pos, cand_valid, decodable, offsets, logits, x0, conf, banned, shadow=shadow)
+    conf = step.conf = decoder.confidence(step)
     score = conf
     if opts.sigma:  # certainty prior: favour positions next to decoded ones
         density = certainty_density(~state.masked()[:, state.prompt_length:], opts.sigma)
-        score = conf.double() * density.gather(1, offsets)
-    transfer = _choose(state, score, cand_valid, decodable, offsets, quota)
+        score = conf.double() * density.gather(1, offsets.clamp(max=density.shape[1] - 1))  # pads: any column
+    step.score = score
+    transfer = _choose(state, decoder, step, quota)
     state.step_candidates, state.step_valid, state.step_confidence = cand_pos, cand_valid, conf
     state.step_transfer, state.step_fed_idx = transfer, plan.fed_idx
 
@@ -218,6 +227,7 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, quota: torch.Tenso
     new_tokens = scatter_rows(torch.where(transfer, x0, opts.mask_token_id), cand_pos, length, opts.mask_token_id)
     written = scatter_rows(transfer, cand_pos, length, False)
     state.x = torch.where(written, new_tokens, state.x)
+    decoder.after_write(step, transfer, x_before)
     strategy.after_step(state, x_before)
     if opts.generation_tokens_hook_func is not None:
         state.x = opts.generation_tokens_hook_func(state.global_step, state.x, full)
@@ -230,28 +240,40 @@ def _banned_ids(opts: GenerationOptions) -> list[int]:
     return [opts.mask_token_id] + ([opts.eos_token_id] if opts.logits_eos_inf else [])
 
 
-def _choose(state: DecodeState, conf: torch.Tensor, cand_valid: torch.Tensor, decodable: torch.Tensor,
-            offsets: torch.Tensor, quota: torch.Tensor | None) -> torch.Tensor:
-    """Which candidates to unmask this step (B, m) bool; only ``decodable`` ones can be chosen."""
+def _choose(state: DecodeState, decoder: Decoder, step: StepView, quota: torch.Tensor | None) -> torch.Tensor:
+    """Which candidates to unmask this step (B, m) bool; only ``decodable`` ones can be chosen.
+
+    The schedule gives a count per row; the decoder turns it into a set (vanilla: the top ``count`` by score,
+    raised by threshold/factor parallel decoding — the count stays a floor so ``steps`` bounds the forwards
+    per block).
+    """
     opts, i, steps = state.opts, state.step_in_block, state.steps_in_block
     if opts.alg == "origin":
-        return origin_transfer(cand_valid, i, steps, opts.eps, state.row_seeds, state.noise_step, offsets) & decodable
+        return origin_transfer(step.cand_valid, i, steps, opts.eps, state.row_seeds, state.noise_step,
+                               step.offsets) & step.decodable
     if quota is not None:
         count = quota[:, i]
     else:
-        count = linspace_count(cand_valid.sum(1), i, steps, opts.eps)
-    if opts.threshold is not None or opts.factor is not None:
-        # parallel decoding; the schedule's count stays a floor so `steps` bounds the forwards per block
-        count = torch.maximum(count, parallel_count(conf, decodable, opts.threshold, opts.factor))
-    if opts.alg_temp:
-        return select_sampled(conf, decodable, count, opts.alg_temp, state.row_seeds, state.noise_step, offsets)
-    return select_top(conf, decodable, count)
+        count = linspace_count(step.cand_valid.sum(1), i, steps, opts.eps)
+    return decoder.choose(step, count)
 
 
-def _forward(state: DecodeState, strategy: caches.CacheStrategy, plan: caches.StepPlan) -> torch.Tensor:
-    """Run the model on the plan's fed positions (both CFG halves when cfg_scale > 0)."""
+def _forward(state: DecodeState, strategy: caches.CacheStrategy, plan: caches.StepPlan,
+             decoder: Decoder) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the model on the plan's fed positions (both CFG halves when cfg_scale > 0).
+
+    Returns the hidden states of the fed positions and, when the decoder appends tokens (WINO's shadow block,
+    no cache), theirs separately.
+    """
     model, opts = state.model, state.opts
     ids, positions, key_valid = state.x, state.positions, state.key_valid
+    extension = decoder.extension(state)
+    extra_mask = None
+    if extension is not None:
+        ids = torch.cat([ids, extension.ids], dim=1)
+        positions = torch.cat([positions, extension.positions], dim=1)
+        key_valid = torch.cat([key_valid, torch.ones_like(extension.ids, dtype=torch.bool)], dim=1)
+        extra_mask = extension.extra_mask
     if opts.cfg_scale > 0:
         unconditional = ids.clone()
         unconditional[:, : state.prompt_length] = opts.mask_token_id  # the prompt (pads included) is masked
@@ -266,12 +288,14 @@ def _forward(state: DecodeState, strategy: caches.CacheStrategy, plan: caches.St
     state.attn_probs = []
     hidden = model.partial_forward(ids, positions, key_valid, fed_idx=plan.fed_idx, kv=kv,
                                    layer_hook=strategy.layer_hook(), want_attn_probs=strategy.wants_attention,
-                                   attn_probs_out=state.attn_probs)
+                                   attn_probs_out=state.attn_probs, extra_mask=extra_mask)
     state.forwards += 1
     state.full_positions += ids.numel()
     fed = ids.numel() if plan.fed_idx is None else (plan.fed_idx < state.length).sum() * (ids.shape[0] // state.batch)
     state.fed_positions = state.fed_positions + fed
-    return hidden
+    if extension is not None:
+        return hidden[:, : state.length], hidden[:, state.length:]
+    return hidden, None
 
 
 def _combine_cfg(state: DecodeState, logits: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from dkvcache.decoders import DECODING_KNOBS, check_decoding
 from dkvcache.sampling import ALGS, REMASKING_ALIASES
 
 
@@ -31,6 +32,11 @@ class GenerationOptions:
     The original Dream silently sampled with top_k=50 and temperature 1.0 when they were omitted (legacy
     transformers config attributes); here omitted means off. To reproduce that behaviour pass
     ``temperature=1.0, top_k=50``.
+    Decoding strategies (``dkvcache.decoders``, docs/decoders.md): ``decoding`` in "vanilla", "pc_sampler"
+    (``pc_frequencies``, ``clip_alpha`` 10), "klass" (``kl_threshold`` 0.01, ``kl_history_length`` 2),
+    "eb_sampler" (``gamma`` 0.001), "wino" (``wide_in_thres`` 0.7, ``narrow_out_thres`` 0.9; no cache), "ar".
+    A knob left None takes that default for its own decoding; a knob of another decoding is rejected. For
+    decodings other than vanilla the default ``alg`` is "maskgit_plus" (Dream's "origin" has no confidence).
     """
 
     max_new_tokens: int = 0
@@ -66,6 +72,14 @@ class GenerationOptions:
     attention_mask: torch.Tensor | None = None
     generation_tokens_hook_func: Callable | None = None
     generation_logits_hook_func: Callable | None = None
+    decoding: str = "vanilla"
+    clip_alpha: float | None = None
+    pc_frequencies: Any = None
+    kl_threshold: float | None = None
+    kl_history_length: int | None = None
+    gamma: float | None = None
+    wide_in_thres: float | None = None
+    narrow_out_thres: float | None = None
 
 
 _FAMILY_DEFAULTS = {
@@ -164,7 +178,7 @@ def resolve_options(family: str, config: Any, prompt_length: int, generation_con
     if merged.get("steps") is None:
         opts.steps = defaults["steps"]
     if merged.get("alg") is None:
-        opts.alg = defaults["alg"]
+        opts.alg = defaults["alg"] if opts.decoding == "vanilla" else "maskgit_plus"
     for name in ("mask_token_id", "pad_token_id", "eos_token_id"):
         if getattr(opts, name) is None:
             setattr(opts, name, getattr(config, name, None))
@@ -227,6 +241,29 @@ def _validate(opts: GenerationOptions) -> None:
         raise TypeError(f"diffusion_generate: generator must be a torch.Generator, got {type(opts.generator).__name__}")
     if opts.seed is not None and not isinstance(opts.seed, (int, list, tuple)):
         raise TypeError(f"diffusion_generate: seed must be an int or a list of ints, got {opts.seed!r}")
+    _validate_decoding(opts)
+
+
+def _validate_decoding(opts: GenerationOptions) -> None:
+    """``decoding`` and its knobs: reject foreign knobs, fill the decoding's defaults, check ranges."""
+    if opts.decoding not in DECODING_KNOBS:
+        raise _fail("decoding", opts.decoding, repr(list(DECODING_KNOBS)))
+    own = DECODING_KNOBS[opts.decoding]
+    for owner, knobs in DECODING_KNOBS.items():
+        for knob in knobs:
+            if knob not in own and getattr(opts, knob) is not None:
+                raise ValueError(f"diffusion_generate: {knob} is an option of decoding={owner!r}, not of "
+                                 f"decoding={opts.decoding!r}")
+    for knob, default in own.items():
+        if getattr(opts, knob) is None:
+            setattr(opts, knob, default)
+    _check_number("clip_alpha", opts.clip_alpha, 0.0, float("inf"), allow_none=True, low_open=True)
+    _check_number("kl_threshold", opts.kl_threshold, 0.0, float("inf"), allow_none=True)
+    _check_int("kl_history_length", opts.kl_history_length, 1, allow_none=True)
+    _check_number("gamma", opts.gamma, 0.0, float("inf"), allow_none=True)
+    _check_number("wide_in_thres", opts.wide_in_thres, 0.0, 1.0, allow_none=True)
+    _check_number("narrow_out_thres", opts.narrow_out_thres, 0.0, 1.0, allow_none=True)
+    check_decoding(opts)
 
 
 def _validate_cache(opts: GenerationOptions, strategy_options: dict[str, set[str]]) -> None:

@@ -114,6 +114,7 @@ class ForwardContext:
     key_valid:  (B, Lk) which keys may be attended (Lk = L + 1 with buffers, n without).
     kv:         buffers to write fresh K/V into and attend over; None = attend over the fed tokens only.
     want_attn_probs: record softmax attention probabilities of the fed queries (per layer, (B, H, n, Lk)).
+    extra_mask: optional (B or 1, n, Lk) per-query key mask ANDed with key_valid (WINO's leave-one-out shadow).
     """
 
     positions: torch.Tensor
@@ -125,17 +126,22 @@ class ForwardContext:
     attn_probs: list = field(default_factory=list)
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
+    extra_mask: torch.Tensor | None = None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor,
-              want_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+              want_probs: bool, extra_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Bidirectional attention of q (B, H, n, D) over k/v (B, Hkv, Lk, D) with a key-padding mask (B, Lk).
 
     Only keys are masked, never query rows, so no row is ever fully masked (no NaN from pad rows).
     With ``want_probs`` the probabilities are computed explicitly for these queries (d2Cache's rollout needs
     them); otherwise SDPA runs, with GQA handled by the kernel instead of repeating K/V heads.
+    ``extra_mask`` (B or 1, n, Lk): an optional per-query key mask ANDed with ``key_valid``; the caller keeps
+    at least one key per query (WINO's shadow queries always see the prompt).
     """
     mask = key_valid[:, None, None, :]
+    if extra_mask is not None:
+        mask = mask & extra_mask[:, None]
     if not want_probs:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
         return out, None
@@ -161,7 +167,7 @@ def attention_sublayer(layer: nn.Module, normed: torch.Tensor, ctx: ForwardConte
     if ctx.kv is not None:
         ctx.kv.write(index, ctx.fed_idx, k, v)
         k, v = ctx.kv.keys[index], ctx.kv.values[index]
-    out, probs = attention(q, k, v, ctx.key_valid, ctx.want_attn_probs)
+    out, probs = attention(q, k, v, ctx.key_valid, ctx.want_attn_probs, ctx.extra_mask)
     if probs is not None:
         ctx.attn_probs.append(probs)
     out = out.transpose(1, 2).reshape(batch, n, -1)
@@ -175,9 +181,13 @@ def rows_context(ctx: ForwardContext, rows: torch.Tensor) -> ForwardContext:
     """
     safe = rows.clamp(max=ctx.positions.shape[1] - 1)
     index = safe[..., None].expand(-1, -1, ctx.cos.shape[-1])
+    extra = None
+    if ctx.extra_mask is not None:
+        extra = ctx.extra_mask.expand(rows.shape[0], -1, -1)
+        extra = extra.gather(1, safe[..., None].expand(-1, -1, extra.shape[-1]))
     return ForwardContext(positions=ctx.positions.gather(1, safe), fed_idx=rows, key_valid=ctx.key_valid, kv=ctx.kv,
                           want_attn_probs=ctx.want_attn_probs, attn_probs=ctx.attn_probs,
-                          cos=ctx.cos.gather(1, index), sin=ctx.sin.gather(1, index))
+                          cos=ctx.cos.gather(1, index), sin=ctx.sin.gather(1, index), extra_mask=extra)
 
 
 def layer_forward(layer: nn.Module, hidden: torch.Tensor, ctx: ForwardContext, index: int) -> torch.Tensor:
@@ -219,13 +229,15 @@ class PartialForwardMixin:
     def partial_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
                         fed_idx: torch.Tensor | None = None, kv: KVBuffers | None = None,
                         layer_hook: LayerHook | None = None, want_attn_probs: bool = False,
-                        attn_probs_out: list | None = None) -> torch.Tensor:
+                        attn_probs_out: list | None = None, extra_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the fed positions through the model; return their hidden states before the final norm.
 
         input_ids, positions, key_valid: (B, L) for the whole sequence.
         fed_idx: (B, n) positions to feed; padding entries must equal ``L`` (the scratch slot). None = all.
         kv: K/V buffers (from ``allocate_kv``). Fresh K/V of fed positions are written there and every query
             attends over all buffered keys. None = a plain forward over the fed tokens only (needs fed_idx=None).
+        extra_mask: optional (B or 1, n, L) bool, which keys each fed query may see, ANDed with key_valid
+            (default None: the key-padding mask alone, the fast path).
         Returns (B, n, hidden) or (B, L, hidden).
         """
         length = input_ids.shape[1]
@@ -238,10 +250,12 @@ class PartialForwardMixin:
             ids, pos = input_ids.gather(1, gather_idx), positions.gather(1, gather_idx)
         if kv is not None:
             keys_ok = torch.cat([key_valid, key_valid.new_zeros(key_valid.shape[0], 1)], dim=1)
+            if extra_mask is not None:  # the scratch slot is never attended
+                extra_mask = torch.cat([extra_mask, extra_mask.new_zeros(*extra_mask.shape[:2], 1)], dim=2)
         else:
             keys_ok = key_valid
         ctx = ForwardContext(positions=pos, fed_idx=fed_idx, key_valid=keys_ok, kv=kv, layer_hook=layer_hook,
-                             want_attn_probs=want_attn_probs)
+                             want_attn_probs=want_attn_probs, extra_mask=extra_mask)
         hidden = run_layers(self._layers(), self._embed(ids), ctx, self._head_dim, self._rope_theta)
         if attn_probs_out is not None:
             attn_probs_out.extend(ctx.attn_probs)

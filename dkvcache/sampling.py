@@ -173,13 +173,48 @@ def parallel_count(conf: torch.Tensor, valid: torch.Tensor, threshold: float | N
     Unlike the original we also stop when that failure is the last candidate (the original then accepted all).
     A row without candidates transfers 0.
     """
-    ranked = torch.sort(conf.masked_fill(~valid, float("-inf")), dim=1, descending=True).values
-    available = valid.sum(1)
+    ranked, order = torch.sort(conf.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True)
+    return prefix_count(ranked, valid.gather(1, order), threshold, factor)
+
+
+def prefix_count(ordered: torch.Tensor, valid: torch.Tensor, threshold: float | None,
+                 factor: float | None) -> torch.Tensor:
+    """Length of the longest prefix of already-ordered scores (B, m) passing the threshold or factor rule.
+
+    The first entry always passes (at least one token per step); the count never exceeds the valid entries.
+    On confidence-sorted scores this is :func:`parallel_count`; AR decoding applies it in position order.
+    """
     if threshold is not None:
-        count = (ranked >= threshold).sum(1).clamp(min=1)
+        passes = ordered >= threshold
     else:
-        k = torch.arange(1, conf.shape[1] + 1, device=conf.device, dtype=ranked.dtype)
-        passes = ranked >= 1 - factor / (k + 1)
-        passes[:, 0] = True
-        count = passes.long().cumprod(1).sum(1)
-    return torch.minimum(count, available)
+        k = torch.arange(1, ordered.shape[1] + 1, device=ordered.device, dtype=ordered.dtype)
+        passes = ordered >= 1 - factor / (k + 1)
+    passes[:, :1] = True
+    return torch.minimum(passes.long().cumprod(1).sum(1), valid.sum(1))
+
+
+def entropy_bound_count(entropies: torch.Tensor, valid: torch.Tensor, gamma: float) -> torch.Tensor:
+    """EB-sampler: how many leading entries of score-ordered candidates (B, m) to transfer.
+
+    With H_(1), H_(2), … the entropies in score order, counts the i with Σ_{j≤i} H_(j) − max_{j≤i} H_(j) ≤ γ
+    (a prefix: the left side never decreases). The running max is taken along the candidates (the original
+    took it over the batch, so for one row it tested Σ_{j<i} H_(j) ≤ γ). ``valid`` must be a prefix.
+    """
+    h = entropies.masked_fill(~valid, 0.0)
+    excess = h.cumsum(1) - h.cummax(1).values
+    return ((excess <= gamma) & valid).sum(1)
+
+
+def token_distribution(logits: torch.Tensor, *, family: Family, temperature: float, top_p: float | None,
+                       top_k: int | None, banned_ids: Sequence[int] = ()) -> torch.Tensor:
+    """The float64 distributions (B, m, V) the confidences are read from (see :func:`propose_tokens`).
+
+    LLaDA: softmax of the untempered logits; Dream: softmax of the filtered, tempered logits. Used by the
+    decoders that need whole distributions (EB-sampler entropies, KLASS divergences, WINO verification).
+    """
+    if banned_ids:
+        logits = logits.clone()
+        logits[..., list(banned_ids)] = float("-inf")
+    if not family.llada_confidence:
+        logits = filter_logits(logits / temperature if temperature > 0 else logits, top_p, top_k)
+    return torch.softmax(logits.double(), dim=-1)

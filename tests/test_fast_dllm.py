@@ -175,3 +175,20 @@ def test_in_block_refresh_and_validation():
         llada.diffusion_generate(ids, gen_length=8, steps=8, threshold=0.9, factor=1.0)
     with pytest.raises(ValueError, match="dual_cache"):
         llada.diffusion_generate(ids, gen_length=8, steps=8, use_cache=True, cache_type="decoded", dual_cache=True)
+
+
+@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("cache", [dict(cache_type="decoded", cache_steps=3), dict(cache_type="pd", cache_steps=3),
+                                   dict(cache_type="dllm", kp=5, kr=2), dict(cache_type="prefill"),
+                                   dict(cache_type="d2")],
+                         ids=lambda c: c["cache_type"])
+def test_every_cache_with_threshold_keeps_rows_independent(family, cache):
+    """Rows finish blocks at different steps under a threshold; every cache restarts its schedule at each block
+    start, so a row that waited for the others still equals its single run."""
+    model = MODELS[family]()
+    ids, mask = left_pad(PROMPTS)
+    extra = dict(use_cache=True, threshold=0.15, **cache)
+    batch = _gen(model, ids, mask, **extra).sequences
+    for i, prompt in enumerate(PROMPTS):
+        single = _gen(model, prompt[None], **extra).sequences
+        assert torch.equal(batch[i, ids.shape[1]:], single[0, len(prompt):]), i

@@ -1,6 +1,7 @@
 """Cache strategies. Importing this package registers every built-in strategy."""
 
 from dkvcache.caches import (  # noqa: F401  (importing registers them)
+    d2,  # d2, d2cache
     dkv,  # decoded, prefill, pd, greedy
     dllm,  # dllm
     prefix,  # prefix, dual

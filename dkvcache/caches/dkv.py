@@ -142,7 +142,10 @@ class DecodedCache(_ShiftRuleCache):
             self.cached_now = None
 
     def _step_index(self, state: DecodeState) -> int:
-        return state.step_in_block if self.llada_timeline else state.global_step
+        # Counted within the block (Dream's single block: the original's global count), so every block starts
+        # with a refresh: a row that waited for slower rows (parallel decoding) then carries no state of its own
+        # wait, and equals its single run. Across blocks only when asked for (documented as not batch-exact).
+        return state.global_step if self.across_blocks else state.step_in_block
 
     def plan(self, state: DecodeState) -> StepPlan:
         i = self._step_index(state)
@@ -193,11 +196,11 @@ class PrefillDecodedCache(_ShiftRuleCache):
         self.prompt_part = _prompt_part(state)
 
     def plan(self, state: DecodeState) -> StepPlan:
-        i = state.global_step
-        if i == 0:
+        if state.global_step == 0:
             self.cached_now = None
             return StepPlan(fed_idx=None, use_kv=True, refresh=True)
-        if i % self.cache_steps == 0 or self.cached_now is None:
+        # refreshes counted within the block, so each block starts with one (see DecodedCache._step_index)
+        if state.step_in_block % self.cache_steps == 0 or self.cached_now is None:
             self.cached_now = None
             return StepPlan(fed_idx=_feed_complement(self.prompt_part, state.length), use_kv=True, refresh=True)
         return StepPlan(fed_idx=_feed_complement(self.cached_now, state.length), use_kv=True)

@@ -3,7 +3,8 @@ adaptive partial updates. Spec: ../shared/spec/d2cache-and-dllmcache.md §3.
 
 Every position flows through every layer, but a layer recomputes only some rows and adds cached sublayer outputs
 for the others. Per layer it keeps K/V (in the shared buffers), the attention output after the output projection
-and the FFN output. At forward t (counted over the whole call):
+and the FFN output. At forward t (counted within the block; the original counts over the whole call, which is
+the same with one block but would tie a row's schedule to the rows it is batched with under parallel decoding):
   prompt rows  [0, P) are recomputed when t % kp == 0,
   response rows [P, L) when t % kr == 0,
   layer 0 always recomputes everything (as the original, commit 1ef9d03).
@@ -93,7 +94,9 @@ class DLLMCache(CacheStrategy):
         self.rows_total = 0
 
     def plan(self, state: DecodeState) -> StepPlan:
-        self.forward_index += 1
+        # Forwards are counted within the block (the original counts over the call; identical with one block),
+        # so every block starts with a full refresh and a row that waited for slower rows equals its single run.
+        self.forward_index = state.step_in_block
         self.refresh_prompt = self.forward_index % self.kp == 0
         self.refresh_response = self.forward_index % self.kr == 0
         return StepPlan(fed_idx=None, use_kv=True, refresh=self.refresh_prompt and self.refresh_response)
