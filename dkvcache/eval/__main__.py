@@ -1,0 +1,8 @@
+"""``python -m dkvcache.eval`` (and ``accelerate launch -m dkvcache.eval``)."""
+
+import sys
+
+from dkvcache.eval.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

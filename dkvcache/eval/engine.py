@@ -1,0 +1,122 @@
+"""Model + tokenizer + generation settings: prompts in, completions and per-row statistics out.
+
+Shared by the eval runner and the lm-eval adapter. Prompts are tokenized one by one (chat-templated text
+without added special tokens, raw text with the tokenizer's own), optionally BOS-prefixed at the id level (never
+twice), left-padded into a batch, generated with per-row seeds, and cut at the first end-of-sequence or
+end-of-turn token before decoding.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+
+
+class GenerationRejected(ValueError):
+    """diffusion_generate refused the configured keywords (before any compute)."""
+
+
+def resolve_model_path(path: str) -> str:
+    """A local directory (as given, or relative to the repository for the shipped tiny checkpoints) or a Hub id."""
+    if os.path.isdir(path):
+        return path
+    in_repo = os.path.join(REPO_ROOT, path)
+    if not os.path.isabs(path) and os.path.isdir(in_repo):
+        return in_repo
+    return path
+
+
+def load_model(path: str, dtype: str = "bfloat16", device: str | torch.device = "cpu") -> tuple[Any, Any]:
+    """(model, tokenizer) through the Auto classes our ``models`` package registers (no remote code)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    import models  # noqa: F401  (registers Dream and LLaDA with the Auto classes)
+
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r} is invalid; allowed: {sorted(DTYPES)}")
+    local = resolve_model_path(path)
+    try:
+        model = AutoModel.from_pretrained(local, dtype=DTYPES[dtype]).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(local)
+    except OSError as err:
+        raise OSError(f"could not load model.path={path!r}: {err}\nOffline? Download the checkpoint elsewhere and pass "
+                      "model.path=/local/dir (Hub layout: config.json, safetensors, tokenizer files).") from err
+    if not hasattr(model, "diffusion_generate"):
+        raise TypeError(f"model.path={path!r} loaded {type(model).__name__}, not a Dream/LLaDA diffusion model")
+    return model, tokenizer
+
+
+@dataclass
+class Batch:
+    """One generate call: token ids after the prompt (cut at the first stop id), per-row stats, the raw stats."""
+
+    completions: list[list[int]]
+    response_tokens: list[int]
+    stats: dict = field(default_factory=dict)
+
+
+class Engine:
+    """Generates completions for prompt texts with fixed ``diffusion_generate`` keywords."""
+
+    def __init__(self, model: Any, tokenizer: Any, gen_kwargs: dict, add_bos_token: bool = False) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.gen_kwargs = dict(gen_kwargs)
+        self.add_bos_token = add_bos_token
+        config = model.config
+        self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        vocab = tokenizer.get_vocab()
+        self.stop_ids = {self.eos_id} | {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+        self.stop_ids.discard(None)
+        self._checked = False
+
+    @property
+    def family(self) -> str:
+        return self.model.diffusion_family
+
+    def encode(self, text: str, chat: bool) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=not chat)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        if self.add_bos_token and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _cut(self, row: list[int]) -> list[int]:
+        for i, t in enumerate(row):
+            if t in self.stop_ids:
+                return row[:i]
+        return row
+
+    def generate(self, prompts: list[list[int]], seeds: list[int] | None = None, **overrides: Any) -> Batch:
+        """Left-pad ``prompts`` into one batch and run ``diffusion_generate``."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        kwargs = {**self.gen_kwargs, **overrides, "return_dict_in_generate": True}
+        if seeds is not None:
+            kwargs["seed"] = list(seeds)
+        device = self.model.device
+        try:
+            out = self.model.diffusion_generate(ids.to(device), attention_mask=mask.to(device), **kwargs)
+        except (ValueError, TypeError) as err:
+            if self._checked:
+                raise
+            raise GenerationRejected(f"diffusion_generate rejected the configured generation/cache settings: {err}"
+                                     f"\n(keywords: { {k: v for k, v in kwargs.items() if k != 'seed'} })") from err
+        self._checked = True
+        rows = out.sequences[:, width:].tolist()
+        stats = dict(out.stats or {})
+        return Batch([self._cut(r) for r in rows], list(stats.get("response_tokens", [len(r) for r in rows])), stats)
