@@ -216,9 +216,21 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 class PartialForwardMixin:
     """Gives a model (with ``embed``, ``layers``, ``final_norm``, ``lm_head_module``) the two forwards of dkvcache.
 
-    Subclasses provide: ``_embed(ids)``, ``_layers()``, ``_final_norm(h)``, ``_lm_head(h)``, ``_rope_theta``,
-    ``_head_dim``, ``_n_kv_heads``.
+    Subclasses provide ``_embed(ids)``, ``_layers()``, ``_final_norm(h)``, ``_lm_head(h)``; their config provides
+    ``rope_theta``, ``head_dim`` and ``num_key_value_heads``.
     """
+
+    @property
+    def _rope_theta(self) -> float:
+        return float(self.config.rope_theta)
+
+    @property
+    def _head_dim(self) -> int:
+        return self.config.head_dim
+
+    @property
+    def _n_kv_heads(self) -> int:
+        return self.config.num_key_value_heads
 
     def allocate_kv(self, batch: int, length: int) -> KVBuffers:
         """Buffers for a partial forward over sequences of ``length`` positions."""

@@ -128,18 +128,6 @@ class DreamModel(DreamPreTrainedModel, PartialForwardMixin, DiffusionGenerationM
     def _lm_head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)
 
-    @property
-    def _rope_theta(self) -> float:
-        return float(self.config.rope_theta)
-
-    @property
-    def _head_dim(self) -> int:
-        return self.config.head_dim
-
-    @property
-    def _n_kv_heads(self) -> int:
-        return self.config.num_key_value_heads
-
     # -- transformers conventions ------------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens

@@ -115,18 +115,6 @@ class LLaDAModelLM(LLaDAPreTrainedModel, PartialForwardMixin, DiffusionGeneratio
             return F.linear(h, self.model.transformer["wte"].weight)
         return self.model.transformer["ff_out"](h)
 
-    @property
-    def _rope_theta(self) -> float:
-        return float(self.config.rope_theta)
-
-    @property
-    def _head_dim(self) -> int:
-        return self.config.head_dim
-
-    @property
-    def _n_kv_heads(self) -> int:
-        return self.config.n_kv_heads
-
     # -- transformers conventions ------------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.transformer["wte"]
