@@ -96,28 +96,41 @@ def special_ids(kind: str, vocab: int) -> dict[str, int]:
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """A local checkpoint (``--model``) or a random-init Dream/LLaDA model sized by the flags."""
-    from models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
-
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     if args.model:
         from transformers import AutoModel
 
         model = AutoModel.from_pretrained(args.model, dtype=dtype)
+        return model.to(device=args.device, dtype=dtype).eval()
+    # Random init directly on the target device and dtype: an 8B model built on CPU in float32 first would take
+    # minutes and 32 GB of host memory.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(args.device):
+            model = _random_model(args)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def _random_model(args: argparse.Namespace) -> torch.nn.Module:
+    from models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
+
+    inter = args.intermediate or -(-int(2.75 * args.hidden) // 32) * 32
+    ids = special_ids(args.model_kind, args.vocab)
+    if args.model_kind == "dream":
+        config = DreamConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=inter,
+                             num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                             num_key_value_heads=args.kv_heads, **ids)
+        model = DreamModel(config)
     else:
-        inter = args.intermediate or -(-int(2.75 * args.hidden) // 32) * 32
-        ids = special_ids(args.model_kind, args.vocab)
-        if args.model_kind == "dream":
-            config = DreamConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=inter,
-                                 num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                 num_key_value_heads=args.kv_heads, **ids)
-            model = DreamModel(config)
-        else:
-            config = LLaDAConfig(d_model=args.hidden, n_heads=args.heads, n_kv_heads=args.kv_heads,
-                                 n_layers=args.layers, mlp_hidden_size=inter, vocab_size=args.vocab,
-                                 embedding_size=args.vocab, **ids)
-            model = LLaDAModelLM(config)
-    return model.to(device=args.device, dtype=dtype).eval()
+        config = LLaDAConfig(d_model=args.hidden, n_heads=args.heads, n_kv_heads=args.kv_heads,
+                             n_layers=args.layers, mlp_hidden_size=inter, vocab_size=args.vocab,
+                             embedding_size=args.vocab, **ids)
+        model = LLaDAModelLM(config)
+    return model
 
 
 def random_prompts(config: Any, batch: int, length: int, seed: int) -> torch.Tensor:

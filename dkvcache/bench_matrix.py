@@ -1,5 +1,6 @@
 """Named benchmark matrices: model config × every registered strategy × batch sizes, with JSON and PNG plots.
 
+    python -m dkvcache.bench_matrix tiny-dream --batches 1 8           # the shipped checkpoint (speed only)
     python -m dkvcache.bench_matrix small-llada --batches 1 8          # CPU-sized, random init
     python -m dkvcache.bench_matrix llada-8b --batches 1 16 --steps 32  # GPU: real config, bf16, random init
 
@@ -20,8 +21,14 @@ from typing import Any
 from dkvcache import caches
 from dkvcache.bench import main as bench_main
 
-# Model configs: CPU-sized per the design (the no-cache baseline takes minutes) and the real 7B/8B shapes (GPU).
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+# Model configs: the shipped tiny checkpoints, CPU-sized random init per the design (the no-cache baseline takes
+# minutes) and the real 7B/8B shapes (GPU).
 MATRICES: dict[str, dict[str, Any]] = {
+    "tiny-dream": {"model": str(ASSETS / "tiny-dream"), "model_kind": "dream", "prompt_len": 64, "gen_len": 64,
+                   "dtype": "float32"},
+    "tiny-llada": {"model": str(ASSETS / "tiny-llada"), "model_kind": "llada", "prompt_len": 64, "gen_len": 64,
+                   "dtype": "float32"},
     "small-dream": {"model_kind": "dream", "vocab": 16384, "hidden": 384, "layers": 6, "heads": 6, "kv_heads": 2,
                     "prompt_len": 192, "gen_len": 64, "dtype": "float32"},
     "small-llada": {"model_kind": "llada", "vocab": 16384, "hidden": 384, "layers": 6, "heads": 6, "kv_heads": 6,
@@ -118,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         results[batch] = json.loads(path.read_text())["results"]
     summary = {"matrix": args.matrix, "config": config, "skipped": skipped, "batches": results}
     (out / f"{args.matrix}.json").write_text(json.dumps(summary, indent=2, default=str))
-    plot(results, f"{args.matrix}: {config['model_kind']} random init, prompt {config['prompt_len']}, "
+    source = "checkpoint" if "model" in config else "random init"
+    plot(results, f"{args.matrix}: {config['model_kind']} {source}, prompt {config['prompt_len']}, "
                   f"gen {config['gen_len']}", out / f"{args.matrix}-speedup.png")
     print(f"wrote {out / (args.matrix + '.json')} and {out / (args.matrix + '-speedup.png')}"
           + (f"; skipped (not for this model): {skipped}" if skipped else ""))

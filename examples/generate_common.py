@@ -59,6 +59,22 @@ def read_prompts(args: argparse.Namespace) -> list[str] | None:
     raise SystemExit(f"error: --dataset {args.dataset!r} is unknown; allowed: arith, random (or --prompts-file)")
 
 
+def read_answers(args: argparse.Namespace) -> list[str] | None:
+    """Gold answers (GSM8K style, ``#### N``) when the prompts come with them: the arith dataset, or a .jsonl
+    with an 'answer' field; else None."""
+    if args.prompts_file:
+        if not args.prompts_file.endswith(".jsonl"):
+            return None
+        rows = [json.loads(x) for x in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if x.strip()]
+        answers = [row.get("answer") for row in rows[: args.num_prompts]]
+        return answers if all(isinstance(a, str) for a in answers) else None
+    if args.dataset == "arith":
+        from dkvcache.tasks.arith import load_jsonl
+
+        return [row["answer"] for row in load_jsonl(limit=args.num_prompts)]
+    return None
+
+
 def _random_model(cls: Any, seed: int) -> Any:
     """A small random-init model of ``cls``'s family (when the shipped checkpoint is absent)."""
     from models import DreamConfig, LLaDAConfig
@@ -110,10 +126,13 @@ def check_strategy(name: str) -> None:
 
 
 def run(model: Any, tokenizer: Any, device: torch.device, prompts: list[str] | None, args: argparse.Namespace,
-        kwargs: dict[str, Any], label: str, show: bool) -> dict[str, float]:
-    """Generate for every prompt in batches; print answers (when ``show``) and return the totals."""
+        kwargs: dict[str, Any], label: str, show: bool, answers: list[str] | None = None) -> dict[str, float]:
+    """Generate for every prompt in batches; print answers (when ``show``) and return the totals (with the
+    number of correct final answers when gold ``answers`` are given)."""
+    from dkvcache.tasks.arith import is_correct
+
     count = len(prompts) if prompts is not None else args.num_prompts
-    tokens = forwards_rows = 0
+    tokens = forwards_rows = correct = 0
     fed, seconds = [], 0.0
     for start in tqdm(range(0, count, args.batch_size), desc=label, unit="batch", leave=False):
         size = min(args.batch_size, count - start)
@@ -129,12 +148,17 @@ def run(model: Any, tokenizer: Any, device: torch.device, prompts: list[str] | N
         forwards_rows += stats["forwards"] * size
         fed.append(stats["fed_fraction"])
         for i, (row, n) in enumerate(zip(out.sequences[:, ids.shape[1]:], stats["response_tokens"])):
+            answer = tokenizer.decode(row[:n], skip_special_tokens=True) if tokenizer else row[:n].tolist()
+            if answers is not None and tokenizer is not None:
+                correct += is_correct(answer, answers[start + i])
             if show:
                 question = prompts[start + i] if prompts is not None else "(random prompt ids)"
-                answer = tokenizer.decode(row[:n], skip_special_tokens=True) if tokenizer else row[:n].tolist()
                 print(f"\n>>> {question}\n{answer}")
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
-            "tokens_per_forward": tokens / max(forwards_rows, 1), "fed_fraction": sum(fed) / len(fed)}
+    totals = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
+              "tokens_per_forward": tokens / max(forwards_rows, 1), "fed_fraction": sum(fed) / len(fed)}
+    if answers is not None and tokenizer is not None:
+        totals.update(correct=correct, count=count)
+    return totals
 
 
 def peak_memory(device: torch.device) -> str:
@@ -146,13 +170,14 @@ def peak_memory(device: torch.device) -> str:
 def report(label: str, totals: dict[str, float]) -> None:
     print(f"{label}: {totals['tokens']} response tokens (up to EOS) in {totals['seconds']:.2f} s = "
           f"{totals['tokens_per_s']:.1f} tokens/s, {totals['tokens_per_forward']:.2f} tokens per forward, "
-          f"fed fraction {totals['fed_fraction']:.3f}")
+          f"fed fraction {totals['fed_fraction']:.3f}"
+          + (f", correct final answers {totals['correct']}/{totals['count']}" if "correct" in totals else ""))
 
 
 def main_loop(cls: Any, args: argparse.Namespace, kwargs: dict[str, Any], label: str) -> int:
     """Load, run the chosen setting (and no cache with --compare), print the report."""
     model, tokenizer, device = load(cls, args)
-    prompts = read_prompts(args)
+    prompts, answers = read_prompts(args), read_answers(args)
     if prompts is not None and tokenizer is None:
         print("note: no tokenizer in the model directory; using random prompt ids")
         prompts = None
@@ -162,11 +187,11 @@ def main_loop(cls: Any, args: argparse.Namespace, kwargs: dict[str, Any], label:
         warm = argparse.Namespace(**{**vars(args), "num_prompts": min(args.batch_size, args.num_prompts)})
         for setting in (kwargs, plain):
             run(model, tokenizer, device, prompts and prompts[: warm.num_prompts], warm, setting, "warm-up", False)
-    totals = run(model, tokenizer, device, prompts, args, kwargs, label, show=not args.quiet)
+    totals = run(model, tokenizer, device, prompts, args, kwargs, label, show=not args.quiet, answers=answers)
     print()
     report(label, totals)
     if args.compare:
-        base = run(model, tokenizer, device, prompts, args, plain, "no cache", show=False)
+        base = run(model, tokenizer, device, prompts, args, plain, "no cache", show=False, answers=answers)
         report("no cache", base)
         print(f"speed-up of {label} vs no cache: {base['seconds'] / max(totals['seconds'], 1e-9):.2f}x "
               "(same prompts, same process)")

@@ -84,3 +84,23 @@ def test_bench_matrix_writes_json_and_plot(tmp_path: Path, monkeypatch: pytest.M
     summary = json.loads((tmp_path / "unit.json").read_text())
     labels = [r["label"] for r in summary["batches"]["1"]]
     assert labels == ["none", "decoded", "dual"] and (tmp_path / "unit-speedup.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("script,flags", [("dream_generate.py", ["--decode"]), ("llada_generate.py", ["--dual"])])
+def test_default_model_is_the_shipped_checkpoint_and_answers_right(tmp_path: Path, script: str,
+                                                                   flags: list[str]) -> None:
+    out = _script(script, "--num-prompts", "2", "--batch-size", "2", "--quiet", *flags, cwd=tmp_path).stdout
+    assert "not found" not in out and "random" not in out
+    assert "correct final answers 2/2" in out
+
+
+def test_bench_matrix_on_the_shipped_tiny_checkpoint(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the plots need matplotlib (pip install dkvcache[bench])")
+    from dkvcache import bench_matrix
+
+    assert bench_matrix.main(["tiny-llada", "--batches", "2", "--repeats", "1", "--threads", "1", "--steps", "16",
+                              "--out", str(tmp_path), "--only", "dual"]) == 0
+    summary = json.loads((tmp_path / "tiny-llada.json").read_text())
+    rows = summary["batches"]["2"]
+    assert [r["label"] for r in rows] == ["none", "dual"] and rows[1]["fed_fraction"] < 1.0
+    assert summary["config"]["model"].endswith("tiny-llada")

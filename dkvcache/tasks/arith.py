@@ -4,9 +4,9 @@ Task: a GSM8K-like word problem -- add 4-6 single-digit counts of different frui
 line by line, then the final answer in GSM8K style::
 
     question: "Tom has 7 apples, 3 pears, 9 plums and 2 figs. How many fruits does he have?"
-    answer:   "apples:7\npears:7+3=10\nplums:10+9=19\nfigs:19+2=21\n#### 21"
+    answer:   "07+3=10\n10+9=19\n19+2=21\n#### 21"
 
-Answers are 30-56 tokens (one token per character; the words and ``####`` are one token each). Every line
+Answers are 28-44 tokens (one token per character, ``####`` is one token). Every line
 depends on the line before it, so the order in which a diffusion model decodes, and what it caches, matters;
 decoding many tokens per step breaks the chain (see the signal check in ``assets/README.md``).
 
@@ -20,8 +20,8 @@ CLI (the quality yardstick of every cache strategy)::
     python -m dkvcache.tasks.arith --model assets/tiny-dream [--limit N] [--batch-size N] [key=value ...]
 
 Any ``diffusion_generate`` keyword can be given as ``key=value`` or ``--key value`` (numbers, true/false,
-none and JSON lists are parsed); it is passed through unchanged. ``--signal`` prints the accuracy table over a
-fixed set of settings (vanilla down to 8 tokens per step).
+none and JSON lists are parsed); it is passed through unchanged. ``--table NAME`` prints one of the named
+tables of ``dkvcache.tasks.arith_tables`` (``--signal`` = ``--table signal``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from dkvcache.tasks import arith_tables
 
 MIN_TERMS = 4
 MAX_TERMS = 6
@@ -57,8 +59,9 @@ TEMPLATES = (
     "{name} picks {items}. What is the total number of fruits?",
 )
 
-# Words the tiny tokenizers keep whole (with or without a leading space); everything else is one character.
-WORDS = FRUITS + tuple(n for n, _ in NAMES) + (
+# Words the tiny tokenizers keep whole: WORDS with or without a leading space, FRUITS without one (a space before
+# a fruit is its own token); everything else is one character.
+WORDS = tuple(n for n, _ in NAMES) + (
     "he", "she", "has", "buys", "holds", "picks", "How", "many", "fruits", "does", "have", "buy", "in", "total",
     "are", "the", "basket", "What", "is", "number", "of", "and", "A", "You", "a", "helpful", "assistant", "system",
     "user", "####")
@@ -95,12 +98,12 @@ def question_text(terms: Sequence[int], labels: Sequence[str], template: int, na
     return TEMPLATES[template].format(name=person, pron=pron, items=items)
 
 
-def answer_text(terms: Sequence[int], labels: Sequence[str]) -> str:
-    """The first count, then one addition per line (fruit name first), then ``#### total``."""
-    total = terms[0]
-    lines = [f"{labels[0]}:{total}"]
-    for t, label in zip(terms[1:], labels[1:]):
-        lines.append(f"{label}:{total}+{t}={total + t}")
+def answer_text(terms: Sequence[int]) -> str:
+    """One addition per line, running totals written with two digits (so every line has the same width), then
+    ``#### total``."""
+    lines, total = [], terms[0]
+    for t in terms[1:]:
+        lines.append(f"{total:02d}+{t}={total + t:02d}")
         total += t
     return "\n".join(lines) + f"\n#### {total}"
 
@@ -110,7 +113,7 @@ def make_item(terms: Sequence[int], labels: Sequence[str] | None = None, templat
     labels = tuple(labels) if labels is not None else FRUITS[: len(terms)]
     if len(labels) != len(terms) or len(set(labels)) != len(labels):
         raise ValueError(f"need {len(terms)} distinct fruit names, got {labels!r}")
-    return Item(terms, labels, question_text(terms, labels, template, name), answer_text(terms, labels))
+    return Item(terms, labels, question_text(terms, labels, template, name), answer_text(terms))
 
 
 def sample_item(rng: random.Random, split: str = "train") -> Item:
@@ -228,7 +231,7 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int =
     device = getattr(model, "device", torch.device("cpu"))
     correct, predictions = 0, []
     tokens = forwards_x_rows = forwards = 0
-    seconds = 0.0
+    seconds = fed_x_rows = 0.0
     batches = range(0, len(rows), batch_size)
     if progress:
         from tqdm import tqdm
@@ -248,6 +251,7 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int =
         forwards += int(stats.get("forwards", 0))
         forwards_x_rows += int(stats.get("forwards", 0)) * len(chunk)
         seconds += float(stats.get("wall_time_s", 0.0))
+        fed_x_rows += float(stats.get("fed_fraction", 1.0)) * len(chunk)
         for row, text in zip(chunk, texts):
             ok = is_correct(text, row["answer"])
             correct += ok
@@ -260,33 +264,11 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int =
         "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
         "tokens_per_forward": tokens / forwards_x_rows if forwards_x_rows else float("nan"),
         "forwards": forwards,
+        "fed_fraction": fed_x_rows / n if n else float("nan"),
         "response_tokens": tokens,
         "wall_time_s": seconds,
         "predictions": predictions,
     }
-
-
-def signal_settings(family: str) -> list[tuple[str, dict]]:
-    """The signal-check table: vanilla, then fewer steps (2, 4, 8 tokens per step) and other orders."""
-    g = GEN_LENGTH
-    if family == "dream":
-        return [
-            ("vanilla entropy, steps=64", {}),
-            ("maskgit_plus, steps=64", {"alg": "maskgit_plus"}),
-            ("topk_margin, steps=64", {"alg": "topk_margin"}),
-            ("origin (random order), steps=64", {"alg": "origin", "seed": 0}),
-            ("entropy, steps=32", {"steps": g // 2}),
-            ("entropy, steps=16", {"steps": g // 4}),
-            ("entropy, steps=8 (gen/8)", {"steps": g // 8}),
-        ]
-    return [
-        ("vanilla low_confidence, block 32, steps=64", {}),
-        ("low_confidence, one block, steps=64", {"block_length": g}),
-        ("random remasking, block 32, steps=64", {"remasking": "random", "seed": 0}),
-        ("low_confidence, block 32, steps=32", {"steps": g // 2}),
-        ("low_confidence, block 32, steps=16", {"steps": g // 4}),
-        ("low_confidence, block 32, steps=8 (gen/8)", {"steps": g // 8}),
-    ]
 
 
 # -- CLI -------------------------------------------------------------------------------------------------------
@@ -363,7 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    ap.add_argument("--signal", action="store_true", help="print the accuracy table over the signal-check settings")
+    ap.add_argument("--table", choices=arith_tables.TABLES,
+                    help="run a named table of settings and print it as markdown (see dkvcache.tasks.arith_tables)")
+    ap.add_argument("--signal", action="store_true", help="same as --table signal")
+    ap.add_argument("--plot", metavar="PNG", help="with --table: also plot accuracy vs tokens/s to this file")
     ap.add_argument("--show", type=int, default=0, help="print the first N predictions")
     ap.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     ap.add_argument("--write-test-set", metavar="PATH", nargs="?", const=DATA_PATH,
@@ -383,26 +368,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     family = model.diffusion_family
     rows = load_jsonl(args.data, args.limit)
-    settings = signal_settings(family) if args.signal else [("run", {})]
+    table = "signal" if args.signal else args.table
+    settings = arith_tables.table_settings(table, family, GEN_LENGTH) if table else [("run", {})]
+    pc_table = None
+    if table:  # untimed warm-up, so the first row's wall time (the speed-up reference) is not inflated
+        evaluate(model, tokenizer, rows[: args.batch_size], batch_size=args.batch_size,
+                 **merge_kwargs(family, {**settings[0][1], **overrides, "steps": 4}))
     results = []
     for name, setting in settings:
         kwargs = merge_kwargs(family, {**setting, **overrides})
+        if kwargs.get("decoding") == "pc_sampler" and "pc_frequencies" not in kwargs:
+            if pc_table is None:  # built once, from train-split text only
+                pc_table = arith_tables.pc_table_from_train_split(tokenizer, model.config.vocab_size)
+            kwargs["pc_frequencies"] = pc_table
         start = time.perf_counter()
         result = evaluate(model, tokenizer, rows, batch_size=args.batch_size, **kwargs)
-        result["setting"], result["kwargs"] = name, kwargs
+        shown = {k: (v if isinstance(v, (str, int, float, bool, list, type(None))) else f"<{type(v).__name__}>")
+                 for k, v in kwargs.items()}
+        result["setting"], result["kwargs"] = name, shown
         result["eval_s"] = time.perf_counter() - start
         results.append(result)
-        print(f"[{args.model}] {name}: {kwargs}")
+        print(f"[{args.model}] {name}: {shown}")
         print("  " + _fmt(result), flush=True)
         for p in result["predictions"][: args.show]:
             print(f"  {'OK ' if p['correct'] else 'BAD'} {p['question']!r} -> {p['prediction']!r}")
         if args.json:
             print(json.dumps({k: v for k, v in result.items() if k != "predictions"}))
-    if args.signal:
-        print("\n| setting | accuracy | tokens/forward | tokens/s |\n|---|---|---|---|")
-        for r in results:
-            print(f"| {r['setting']} | {100 * r['accuracy']:.1f} % | {r['tokens_per_forward']:.2f} | "
-                  f"{r['tokens_per_s']:.0f} |")
+    if table:
+        print(f"\n{args.model}, table {table!r}, {len(rows)} held-out items, batch size {args.batch_size}:\n")
+        print(arith_tables.markdown(results))
+        if args.plot:
+            arith_tables.plot(results, f"{os.path.basename(os.path.normpath(args.model))}: table {table!r}, "
+                                       f"{len(rows)} held-out items", args.plot)
+            print(f"wrote {args.plot}")
     return 0
 
 

@@ -1,0 +1,182 @@
+"""The shipped tiny trained checkpoints (assets/tiny-dream, assets/tiny-llada) and the script that trains them."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModel, AutoTokenizer
+
+import models  # noqa: F401  (Auto registrations)
+from dkvcache.tasks import arith
+from models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASSETS = os.path.join(ROOT, "assets")
+DREAM_DIR = os.path.join(ASSETS, "tiny-dream")
+LLADA_DIR = os.path.join(ASSETS, "tiny-llada")
+CHECKPOINTS = {"dream": (DREAM_DIR, DreamModel, DreamConfig), "llada": (LLADA_DIR, LLaDAModelLM, LLaDAConfig)}
+# Held-out items (indices into dkvcache/tasks/data/arith_test.jsonl) both checkpoints answer right with vanilla
+# decoding; several phrasings and 4-7 terms.
+FIXED_ITEMS = [0, 1, 2, 3, 4, 5]
+
+
+def _load(arch, cls=None):
+    path, model_cls, _ = CHECKPOINTS[arch]
+    model = (cls or model_cls).from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module", params=["dream", "llada"])
+def arch(request):
+    return request.param
+
+
+def test_checkpoint_files(arch):
+    path = CHECKPOINTS[arch][0]
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json"):
+        assert os.path.isfile(os.path.join(path, name)), name
+    assert not any(n.startswith("model-") or n.endswith(".index.json") for n in os.listdir(path))
+    total = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
+    assert total <= 20 * 1024 * 1024
+
+
+def test_real_key_names_and_bf16(arch):
+    path = CHECKPOINTS[arch][0]
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        dtypes = {f.get_slice(k).get_dtype() for k in keys}
+    assert dtypes == {"BF16"}
+    if arch == "dream":
+        n = config["num_hidden_layers"]
+        expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+        for i in range(n):
+            p = f"model.layers.{i}."
+            expected |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
+                         p + "self_attn.o_proj.weight"}
+            expected |= {p + f"self_attn.{x}_proj.{w}" for x in "qkv" for w in ("weight", "bias")}
+            expected |= {p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")}
+        assert config["model_type"] == "Dream" and config["architectures"] == ["DreamModel"]
+        assert config["num_key_value_heads"] < config["num_attention_heads"]  # GQA
+    else:
+        n = config["n_layers"]
+        expected = {"model.transformer.wte.weight", "model.transformer.ln_f.weight", "model.transformer.ff_out.weight"}
+        for i in range(n):
+            p = f"model.transformer.blocks.{i}."
+            expected |= {p + f"{x}.weight" for x in ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj",
+                                                     "ff_out", "attn_norm", "ff_norm")}
+        assert config["model_type"] == "llada" and config["architectures"] == ["LLaDAModelLM"]
+        for field in ("d_model", "n_heads", "n_kv_heads", "mlp_hidden_size", "embedding_size", "max_sequence_length"):
+            assert field in config
+    assert keys == expected
+
+
+def test_special_tokens_mirror_the_real_overlaps(arch):
+    path, _, config_cls = CHECKPOINTS[arch]
+    config = config_cls.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert config.mask_token_id == tok.mask_token_id
+    assert config.eos_token_id == tok.eos_token_id == tok.pad_token_id == config.pad_token_id
+    assert config.bos_token_id == tok.bos_token_id
+    assert len(tok) <= config.vocab_size
+    if arch == "dream":
+        assert tok.bos_token == tok.eos_token == tok.pad_token == "<|endoftext|>"
+        assert tok.mask_token == "<|mask|>"
+    else:
+        assert tok.eos_token == tok.pad_token == "<|endoftext|>" and tok.bos_token == "<|startoftext|>"
+        assert tok.mask_token == "<|mdm_mask|>"
+    assert len({tok.mask_token_id, tok.eos_token_id}) == 2
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+        assert "chat_template" in json.load(f)
+
+
+def test_tokenizer_chat_template_and_round_trip(arch):
+    tok = AutoTokenizer.from_pretrained(CHECKPOINTS[arch][0])
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 7 + 3?"}], add_generation_prompt=True,
+                                   tokenize=False)
+    if arch == "dream":
+        assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                        "What is 7 + 3?<|im_end|>\n<|im_start|>assistant\n")
+    else:
+        assert text == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nWhat is 7 + 3?<|eot_id|>"
+                        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+    answer = arith.make_item([7, 3, 9, 2, 5, 8], template=1).answer
+    assert tok.decode(tok(answer, add_special_tokens=False)["input_ids"]) == answer
+
+
+def test_loads_through_class_and_automodel(arch):
+    path, model_cls, config_cls = CHECKPOINTS[arch]
+    model, _ = _load(arch)
+    auto = AutoModel.from_pretrained(path, dtype=torch.float32)
+    assert type(model) is model_cls and type(auto) is model_cls
+    assert isinstance(model.config, config_cls)
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), auto.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+    # float32 load of bf16 weights is exact
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        name = next(iter(f.keys()))
+        assert torch.equal(f.get_tensor(name).float(), model.state_dict()[name])
+
+
+def test_answers_fixed_heldout_prompts_with_vanilla_decoding(arch):
+    model, tok = _load(arch)
+    rows = [arith.load_jsonl()[i] for i in FIXED_ITEMS]
+    kwargs = arith.default_generation_kwargs(arch)
+    res = arith.evaluate(model, tok, rows, batch_size=len(rows), **kwargs)
+    wrong = [p for p in res["predictions"] if not p["correct"]]
+    assert not wrong, wrong
+    for p, row in zip(res["predictions"], rows):
+        assert p["prediction"] == row["answer"]  # the written steps too, not just the number
+    # the answer is followed by EOS padding (instruct-style), so response tokens < gen length
+    assert res["response_tokens"] < len(rows) * arith.GEN_LENGTH
+
+
+def test_cli_prints_accuracy(capsys):
+    assert arith.main(["--model", DREAM_DIR, "--limit", "2", "steps=32", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "tokens/s" in out and "tokens/forward" in out
+    record = json.loads(out.strip().splitlines()[-1])
+    assert record["kwargs"]["steps"] == 32 and record["n"] == 2
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("train_tiny", os.path.join(ROOT, "examples", "train_tiny.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("train_arch", ["dream", "llada"])
+def test_train_script_runs_a_few_steps(tmp_path, train_arch):
+    train_tiny = _train_module()
+    threads = torch.get_num_threads()
+    kv_heads = "1" if train_arch == "dream" else "2"
+    outs = []
+    try:
+        for run in ("a", "b"):
+            out = tmp_path / run
+            train_tiny.main(["--arch", train_arch, "--out", str(out), "--steps", "3", "--batch-size", "4",
+                             "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", kv_heads,
+                             "--warmup", "1", "--log-every", "1", "--eval-limit", "2", "--seed", "3", "--threads", "1"])
+            outs.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    out = outs[0]
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", "train_log.jsonl"):
+        assert (out / name).is_file(), name
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["loss"] > 0 for r in log)
+    model = AutoModel.from_pretrained(str(out), dtype=torch.float32)
+    assert type(model) is CHECKPOINTS[train_arch][1]
+    AutoTokenizer.from_pretrained(str(out))
+    # deterministic under --seed
+    assert (outs[0] / "model.safetensors").read_bytes() == (outs[1] / "model.safetensors").read_bytes()
