@@ -99,11 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--out", default="outputs/bench")
     p.add_argument("--only", nargs="+", help="strategy labels to keep (default: every registered one)")
+    p.add_argument("--extra", action="append", default=[], metavar="LABEL:K=V,…",
+                   help="an extra setting after the registered ones (repeatable), e.g. "
+                        "'dllm-gsm8k:use_cache=True,cache_type=dllm,dllm_preset=gsm8k'")
     args = p.parse_args(argv)
     config = MATRICES[args.matrix]
     settings, skipped = strategy_settings(config["model_kind"])
     if args.only:
         settings = [s for s in settings if s.split(":")[0] in set(args.only) | {"none"}]
+    settings += args.extra
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in config.items()]

@@ -46,6 +46,7 @@ def test_markdown_speedup_is_relative_to_the_first_row() -> None:
     rows = [{"setting": "a", "accuracy": 1.0, "wall_time_s": 4.0, "tokens_per_forward": 0.5, "tokens_per_s": 10,
              "fed_fraction": 1.0},
             {"setting": "b", "accuracy": 0.5, "wall_time_s": 1.0, "tokens_per_forward": 2.0, "tokens_per_s": 40,
-             "fed_fraction": 0.25}]
+             "fed_fraction": 0.25, "correct": 1, "n": 2}]
     text = arith_tables.markdown(rows)
-    assert "| b | 50 % | 4.00× | 2.00 | 40 | 0.25 |" in text
+    assert "| b | 50.0 % (1/2) | 4.00× | 2.00 | 40 | 0.25 |" in text
+    assert "| a | 100.0 % | 1.00× |" in text

@@ -99,3 +99,44 @@ def test_merge_kwargs_family_defaults():
     assert llada["threshold"] == 0.9 and llada["block_length"] == 32
     with pytest.raises(ValueError):
         arith.default_generation_kwargs("gpt")
+
+
+class _FakeTokenizer:
+    """Characters as ids; id 0 is EOS (special)."""
+
+    chat_template = None
+
+    def apply_chat_template(self, messages, **_):
+        return messages[0]["content"]
+
+    def __call__(self, texts, **_):
+        import torch
+
+        width = max(len(t) for t in texts)
+        ids = torch.tensor([[1] * (width - len(t)) + [ord(c) for c in t] for t in texts])
+        return {"input_ids": ids, "attention_mask": (ids != 1).long()}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(int(i)) for i in ids if not (skip_special_tokens and int(i) == 0))
+
+
+class _FakeModel:
+    """Answers '#### 7', then EOS, then a stray '5' after the EOS (as a parallel decoder can leave)."""
+
+    def diffusion_generate(self, input_ids, attention_mask=None, **_):
+        import torch
+
+        answer = [ord(c) for c in "#### 7"] + [0, 0, ord("5"), 0]
+        gen = torch.tensor([answer] * input_ids.shape[0])
+
+        class Out:
+            sequences = torch.cat([input_ids, gen], dim=1)
+            stats = {"response_tokens": [6] * input_ids.shape[0], "forwards": 3, "wall_time_s": 0.1,
+                     "fed_fraction": 1.0}
+        return Out()
+
+
+def test_evaluate_cuts_the_answer_at_the_first_eos():
+    rows = [{"question": "q?", "answer": "#### 7"}]
+    res = arith.evaluate(_FakeModel(), _FakeTokenizer(), rows)
+    assert res["predictions"][0]["prediction"] == "#### 7" and res["accuracy"] == 1.0

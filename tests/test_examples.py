@@ -80,10 +80,11 @@ def test_bench_matrix_writes_json_and_plot(tmp_path: Path, monkeypatch: pytest.M
         "model_kind": "llada", "vocab": 128, "hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2,
         "prompt_len": 8, "gen_len": 16, "dtype": "float32"})
     assert bench_matrix.main(["unit", "--batches", "1", "2", "--repeats", "1", "--threads", "1", "--out",
-                              str(tmp_path), "--only", "decoded", "dual"]) == 0
+                              str(tmp_path), "--only", "decoded", "dual",
+                              "--extra", "dual-t:use_cache=True,cache_type=dual,threshold=0.5"]) == 0
     summary = json.loads((tmp_path / "unit.json").read_text())
     labels = [r["label"] for r in summary["batches"]["1"]]
-    assert labels == ["none", "decoded", "dual"] and (tmp_path / "unit-speedup.png").stat().st_size > 0
+    assert labels == ["none", "decoded", "dual", "dual-t"] and (tmp_path / "unit-speedup.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("script,flags", [("dream_generate.py", ["--decode"]), ("llada_generate.py", ["--dual"])])

@@ -244,8 +244,12 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int =
         out = model.diffusion_generate(enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
                                        **gen_kwargs)
         prompt_length = enc["input_ids"].shape[1]
-        texts = tokenizer.batch_decode(out.sequences[:, prompt_length:].cpu(), skip_special_tokens=True)
         stats = out.stats or {}
+        # The answer ends at the first EOS: whatever a row decoded after it is not part of the answer (the same
+        # cut as the token count and the eval harness).
+        lengths = stats.get("response_tokens") or [out.sequences.shape[1] - prompt_length] * len(chunk)
+        texts = [tokenizer.decode(seq[:n], skip_special_tokens=True)
+                 for seq, n in zip(out.sequences[:, prompt_length:].cpu(), lengths)]
         batch_tokens = int(sum(stats.get("response_tokens", [0])))
         tokens += batch_tokens
         forwards += int(stats.get("forwards", 0))

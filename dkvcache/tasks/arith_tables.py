@@ -183,7 +183,8 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         speedup = base / r["wall_time_s"] if r["wall_time_s"] > 0 else float("nan")
         fed = "-" if r.get("fed_fraction") is None else f"{r['fed_fraction']:.2f}"
-        lines.append(f"| {r['setting']} | {100 * r['accuracy']:.0f} % | {speedup:.2f}× | "
+        count = f" ({r['correct']}/{r['n']})" if "correct" in r and "n" in r else ""
+        lines.append(f"| {r['setting']} | {100 * r['accuracy']:.1f} %{count} | {speedup:.2f}× | "
                      f"{r['tokens_per_forward']:.2f} | {r['tokens_per_s']:.0f} | {fed} |")
     return "\n".join(lines)
 
