@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 
 import pytest
@@ -180,3 +181,37 @@ def test_train_script_runs_a_few_steps(tmp_path, train_arch):
     AutoTokenizer.from_pretrained(str(out))
     # deterministic under --seed
     assert (outs[0] / "model.safetensors").read_bytes() == (outs[1] / "model.safetensors").read_bytes()
+
+
+class _EchoLM(torch.nn.Module):
+    """Logits that ignore the input: enough to check which positions the loss masks and how it weights them."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(vocab))
+
+    def forward(self, x, attention_mask=None):
+        class Out:
+            logits = self.bias.expand(*x.shape, -1)
+        return Out()
+
+
+@pytest.mark.parametrize("objective", ["bernoulli", "exact"])
+def test_diffusion_loss_weighting_estimates_the_mean_ce(objective):
+    train_tiny = _train_module()
+    vocab, mask_id = 8, 7
+    prompt = torch.randint(0, 6, (64, 5))
+    response = torch.randint(0, 6, (64, 12))
+    gen = torch.Generator().manual_seed(0)
+    loss, ce = train_tiny.diffusion_loss(_EchoLM(vocab), "llada", prompt, torch.ones_like(prompt), response,
+                                         mask_id, gen, objective=objective)
+    # uniform logits: every masked token costs log(V), and the 1/t weighting makes the loss an unbiased
+    # estimate of that mean (exactly so per row for "exact", which masks exactly l tokens and weights R/l)
+    assert abs(ce.item() - math.log(vocab)) < 1e-5
+    if objective == "exact":
+        assert abs(loss.item() - math.log(vocab)) < 1e-5
+    else:
+        assert abs(loss.item() - math.log(vocab)) < 0.5
+    with pytest.raises(ValueError, match="objective must be"):
+        train_tiny.diffusion_loss(_EchoLM(vocab), "llada", prompt, torch.ones_like(prompt), response, mask_id, gen,
+                                  objective="uniform")
