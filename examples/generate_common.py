@@ -43,36 +43,26 @@ def add_common_flags(p: argparse.ArgumentParser, default_model: Path) -> None:
     p.add_argument("--quiet", action="store_true", help="do not print the answers")
 
 
-def read_prompts(args: argparse.Namespace) -> list[str] | None:
-    """Questions from --prompts-file or the built-in dataset; None for random ids."""
+def read_prompts(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None]:
+    """(questions, gold answers) from --prompts-file or the built-in dataset. Questions are None for random ids;
+    answers (GSM8K style, ``#### N``) are None unless every prompt has one (the arith dataset, or a .jsonl with
+    an 'answer' field)."""
     if args.prompts_file:
         lines = [x for x in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if x.strip()]
-        if args.prompts_file.endswith(".jsonl"):
-            lines = [(row := json.loads(x)).get("question", row.get("prompt")) for x in lines]
-        return lines[: args.num_prompts]
-    if args.dataset == "arith":
-        from dkvcache.tasks.arith import load_jsonl
-
-        return [row["question"] for row in load_jsonl(limit=args.num_prompts)]
-    if args.dataset == "random":
-        return None
-    raise SystemExit(f"error: --dataset {args.dataset!r} is unknown; allowed: arith, random (or --prompts-file)")
-
-
-def read_answers(args: argparse.Namespace) -> list[str] | None:
-    """Gold answers (GSM8K style, ``#### N``) when the prompts come with them: the arith dataset, or a .jsonl
-    with an 'answer' field; else None."""
-    if args.prompts_file:
         if not args.prompts_file.endswith(".jsonl"):
-            return None
-        rows = [json.loads(x) for x in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if x.strip()]
-        answers = [row.get("answer") for row in rows[: args.num_prompts]]
-        return answers if all(isinstance(a, str) for a in answers) else None
+            return lines[: args.num_prompts], None
+        rows = [json.loads(x) for x in lines][: args.num_prompts]
+        answers = [row.get("answer") for row in rows]
+        return ([row.get("question", row.get("prompt")) for row in rows],
+                answers if all(isinstance(a, str) for a in answers) else None)
     if args.dataset == "arith":
         from dkvcache.tasks.arith import load_jsonl
 
-        return [row["answer"] for row in load_jsonl(limit=args.num_prompts)]
-    return None
+        rows = load_jsonl(limit=args.num_prompts)
+        return [row["question"] for row in rows], [row["answer"] for row in rows]
+    if args.dataset == "random":
+        return None, None
+    raise SystemExit(f"error: --dataset {args.dataset!r} is unknown; allowed: arith, random (or --prompts-file)")
 
 
 def _random_model(cls: Any, seed: int) -> Any:
@@ -177,7 +167,7 @@ def report(label: str, totals: dict[str, float]) -> None:
 def main_loop(cls: Any, args: argparse.Namespace, kwargs: dict[str, Any], label: str) -> int:
     """Load, run the chosen setting (and no cache with --compare), print the report."""
     model, tokenizer, device = load(cls, args)
-    prompts, answers = read_prompts(args), read_answers(args)
+    prompts, answers = read_prompts(args)
     if prompts is not None and tokenizer is None:
         print("note: no tokenizer in the model directory; using random prompt ids")
         prompts = None

@@ -6,9 +6,10 @@ line by line, then the final answer in GSM8K style::
     question: "Tom has 7 apples, 3 pears, 9 plums and 2 figs. How many fruits does he have?"
     answer:   "07+3=10\n10+9=19\n19+2=21\n#### 21"
 
-Answers are 28-44 tokens (one token per character, ``####`` is one token). Every line
-depends on the line before it, so the order in which a diffusion model decodes, and what it caches, matters;
-decoding many tokens per step breaks the chain (see the signal check in ``assets/README.md``).
+Answers are 28-44 tokens (one token per character, ``####`` is one token). Each line reads
+the total of the line before; the totals are also prefix sums of the prompt's counts, which a bidirectional
+model can compute for all lines at once, so the task shows the cost of staleness and parallel decoding only at
+the few-percent level (see the signal check in ``assets/README.md``).
 
 Split: by content. An item belongs to the test split iff the SHA-256 of its list of counts (e.g. ``"7,3,9,2"``)
 modulo 10 is 0, so no list of counts of a held-out item is ever seen in training, whatever the seed, fruit
@@ -42,7 +43,7 @@ from dkvcache.tasks import arith_tables
 
 MIN_TERMS = 4
 MAX_TERMS = 6
-GEN_LENGTH = 64  # the generation length every default setting uses (the longest answer is 56 tokens)
+GEN_LENGTH = 64  # the generation length every default setting uses (the longest answer is 44 tokens)
 TEST_FRACTION_MOD = 10  # one list of counts in ten is held out
 DATA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "arith_test.jsonl")
 TEST_SEED = 20250601
