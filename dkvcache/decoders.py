@@ -104,10 +104,12 @@ class Decoder:
         return step.conf
 
     def vanilla_count(self, step: StepView, count: torch.Tensor) -> torch.Tensor:
-        """The schedule's count, raised by threshold/factor parallel decoding when set."""
-        if self.opts.threshold is not None or self.opts.factor is not None:
-            return torch.maximum(count, parallel_count(step.score, step.decodable, self.opts.threshold,
-                                                       self.opts.factor))
+        """The schedule's count, raised by threshold/factor parallel decoding when set (the loop passes a zero
+        count when the rule alone decides)."""
+        opts = self.opts
+        if opts.parallel:
+            return torch.maximum(count, parallel_count(step.score, step.decodable, opts.threshold, opts.factor,
+                                                       opts.factor_rule))
         return count
 
     def choose(self, step: StepView, count: torch.Tensor) -> torch.Tensor:
@@ -197,7 +199,7 @@ class Klass(Decoder):
         if opts.threshold is not None:
             stable = stable & (score >= opts.threshold)
         elif opts.factor is not None:
-            stable = select_top(score, stable, parallel_count(score, stable, None, opts.factor))
+            stable = select_top(score, stable, parallel_count(score, stable, None, opts.factor, opts.factor_rule))
         count = torch.maximum(stable.sum(1), self.vanilla_count(step, count))
         return select_top(score.masked_fill(stable, float("inf")), step.decodable, count)
 
@@ -221,8 +223,9 @@ class EBSampler(Decoder):
 class AR(Decoder):
     """Left-to-right decoding with a bidirectional model: only the contiguous run of candidates starting at
     the block's first masked position may be unmasked; its first ``count`` (the schedule's count) are. With
-    ``threshold``/``factor`` the longest prefix of the run passing the rule (at least one), and at least the
-    schedule's count. (The reference, without threshold, unmasked the whole run — a block per forward.)"""
+    ``threshold``/``factor`` the longest prefix of the run passing the rule (at least one; at least the
+    schedule's count with ``schedule_floor``). (The reference, without threshold, unmasked the whole run — a
+    block per forward.)"""
 
     name = "ar"
 
@@ -232,7 +235,8 @@ class AR(Decoder):
         run = run.long().cumprod(1).bool()
         if self.opts.threshold is not None or self.opts.factor is not None:
             ranked = step.score.masked_fill(~run, float("-inf"))
-            count = torch.maximum(count, prefix_count(ranked, run, self.opts.threshold, self.opts.factor))
+            count = torch.maximum(count, prefix_count(ranked, run, self.opts.threshold, self.opts.factor,
+                                                      self.opts.factor_rule))
         return run & (index[None, :] < count[:, None])
 
 

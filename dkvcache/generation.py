@@ -126,13 +126,19 @@ def generate(model: Any, inputs: torch.Tensor | None, generation_config: Any = N
     return _denoise(state, strategy, decoder)
 
 
-def _blocks(state: DecodeState) -> list[tuple[int, int, int]]:
+def _blocks(state: DecodeState) -> list[tuple[int, int, int | None]]:
+    """(start, end, steps) of every block; steps is None when the parallel rule alone decides (no schedule)."""
     opts = state.opts
     block = opts.block_length or opts.max_new_tokens
     n_blocks = opts.max_new_tokens // block
-    per_block = opts.steps // n_blocks
+    per_block = None if opts.rule_decides else opts.steps // n_blocks
     start = state.prompt_length
     return [(start + b * block, start + (b + 1) * block, per_block) for b in range(n_blocks)]
+
+
+# With the rule deciding, every step transfers at least one decodable candidate per unfinished row; a block that
+# is still not done after this many steps per position means a strategy starves the loop of fresh predictions.
+_RULE_STEPS_PER_POSITION = 8
 
 
 def _denoise(state: DecodeState, strategy: caches.CacheStrategy,
@@ -148,15 +154,21 @@ def _denoise(state: DecodeState, strategy: caches.CacheStrategy,
         state.block_start, state.block_end, state.steps_in_block = block_start, block_end, steps
         strategy.begin_block(state)
         quota = None
-        if state.family.schedule == "quota":
+        if steps is not None and state.family.schedule == "quota":
             quota = llada_quota(state.masked()[:, block_start:block_end].sum(1), steps)
-        for i in range(steps):
+        limit = steps if steps is not None else _RULE_STEPS_PER_POSITION * (block_end - block_start)
+        for i in range(limit):
             state.step_in_block = i
             if not _step(state, strategy, decoder, quota):
                 break
             state.global_step += 1
             if opts.output_history:
                 history.append(state.x.clone())
+        else:
+            if steps is None and state.masked()[:, block_start:block_end].any():
+                raise RuntimeError(f"diffusion_generate: block {block_index} still has MASK tokens after {limit} "
+                                   f"steps of threshold/factor decoding with cache_type={opts.cache_type!r}: "
+                                   "the strategy never fed the positions that predict them")
         if opts.eos_early_stop and _all_rows_ended(state, block_end):
             tail = state.x[:, block_end:]
             state.x[:, block_end:] = torch.where(tail == opts.mask_token_id, opts.eos_token_id, tail)
@@ -243,15 +255,17 @@ def _banned_ids(opts: GenerationOptions) -> list[int]:
 def _choose(state: DecodeState, decoder: Decoder, step: StepView, quota: torch.Tensor | None) -> torch.Tensor:
     """Which candidates to unmask this step (B, m) bool; only ``decodable`` ones can be chosen.
 
-    The schedule gives a count per row; the decoder turns it into a set (vanilla: the top ``count`` by score,
-    raised by threshold/factor parallel decoding — the count stays a floor so ``steps`` bounds the forwards
-    per block).
+    The schedule gives a count per row and the decoder turns it into a set. With threshold/factor the rule
+    decides alone (count 0: the decoder's rule takes the top candidate plus those passing), as Fast-dLLM;
+    with ``schedule_floor`` the schedule's count stays a floor.
     """
     opts, i, steps = state.opts, state.step_in_block, state.steps_in_block
     if opts.alg == "origin":
         return origin_transfer(step.cand_valid, i, steps, opts.eps, state.row_seeds, state.noise_step,
                                step.offsets) & step.decodable
-    if quota is not None:
+    if steps is None:
+        count = torch.zeros_like(step.cand_pos[:, 0])
+    elif quota is not None:
         count = quota[:, i]
     else:
         count = linspace_count(step.cand_valid.sum(1), i, steps, opts.eps)

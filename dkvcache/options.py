@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from dkvcache.decoders import DECODING_KNOBS, check_decoding
-from dkvcache.sampling import ALGS, REMASKING_ALIASES
+from dkvcache.sampling import ALGS, FACTOR_RULES, REMASKING_ALIASES
 
 
 @dataclass
@@ -22,10 +22,14 @@ class GenerationOptions:
       LLaDA: gen_length 128, steps 128, alg "maskgit_plus" (= remasking "low_confidence"), block = gen length.
     Parallel decoding (Fast-dLLM): ``threshold`` τ transfers the most confident candidate plus every candidate
     of the current block with confidence ≥ τ; ``factor`` f transfers the longest confidence-sorted prefix with
-    (k+1)(1 − c_k) ≤ f. With either, ``steps`` is an upper bound: each step transfers at least the schedule's
-    count, so a block never takes more than its share of steps (pass steps = max_new_tokens to let the rule
-    decide alone). ``alg="confidence_threshold"`` (Fast-dLLM's Dream name) is ``alg="maskgit_plus"`` with
-    ``threshold`` defaulting to 0.9.
+    (k+1)(1 − c_k) ≤ f. As in Fast-dLLM, the rule alone decides: the step schedule is not used and a block
+    loops until it has no MASK left, so ``steps`` plays no part (same tokens and forwards as the original).
+    ``schedule_floor=True`` (opt-in, not in the original) keeps the schedule as a floor instead: each step
+    transfers max(schedule count, rule count), so a block takes at most steps / num_blocks forwards.
+    ``factor_rule="fast_dllm"`` also accepts the last candidate when it alone fails the factor rule (the
+    original code's behaviour); the default ``"paper"`` stops at the first failure. With threshold/factor and
+    no ``alg``, Dream uses ``"maskgit_plus"``. ``alg="confidence_threshold"`` (Fast-dLLM's Dream name) is
+    ``alg="maskgit_plus"`` with ``threshold`` defaulting to 0.9.
     Certainty prior (d2Cache): ``sigma`` > 0 ranks masked positions by confidence × certainty density
     (``dkvcache.density``) instead of confidence alone; threshold/factor then compare that score. Small sigma
     decodes nearly left to right, a huge sigma is plain confidence decoding. None or 0 = off.
@@ -51,6 +55,8 @@ class GenerationOptions:
     cfg_scale: float = 0.0
     threshold: float | None = None
     factor: float | None = None
+    schedule_floor: bool = False
+    factor_rule: str = "paper"
     sigma: float | None = None
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False
@@ -80,6 +86,16 @@ class GenerationOptions:
     gamma: float | None = None
     wide_in_thres: float | None = None
     narrow_out_thres: float | None = None
+
+    @property
+    def parallel(self) -> bool:
+        """Fast-dLLM parallel decoding is on (``threshold`` or ``factor`` given)."""
+        return self.threshold is not None or self.factor is not None
+
+    @property
+    def rule_decides(self) -> bool:
+        """The parallel rule alone decides each step's transfers: no step schedule, a block runs until done."""
+        return self.parallel and not self.schedule_floor
 
 
 _FAMILY_DEFAULTS = {
@@ -177,8 +193,9 @@ def resolve_options(family: str, config: Any, prompt_length: int, generation_con
             opts.max_new_tokens = defaults["max_new_tokens"]
     if merged.get("steps") is None:
         opts.steps = defaults["steps"]
-    if merged.get("alg") is None:
-        opts.alg = defaults["alg"] if opts.decoding == "vanilla" else "maskgit_plus"
+    if merged.get("alg") is None:  # threshold/factor compare probabilities: Fast-dLLM's Dream call uses maskgit_plus
+        parallel = opts.threshold is not None or opts.factor is not None
+        opts.alg = defaults["alg"] if opts.decoding == "vanilla" and not parallel else "maskgit_plus"
     for name in ("mask_token_id", "pad_token_id", "eos_token_id"):
         if getattr(opts, name) is None:
             setattr(opts, name, getattr(config, name, None))
@@ -214,9 +231,11 @@ def _validate(opts: GenerationOptions) -> None:
                          f"alg in ['maskgit_plus', 'topk_margin', 'random'], got alg={opts.alg!r}")
     if opts.threshold is not None and opts.factor is not None:
         raise ValueError("diffusion_generate: pass threshold or factor, not both")
+    if opts.factor_rule not in FACTOR_RULES:
+        raise _fail("factor_rule", opts.factor_rule, repr(list(FACTOR_RULES)))
     _check_int("num_return_sequences", opts.num_return_sequences, 1)
     for name in ("logits_eos_inf", "confidence_eos_eot_inf", "output_history", "return_dict_in_generate",
-                 "eos_early_stop", "full_logits", "use_cache"):
+                 "eos_early_stop", "full_logits", "use_cache", "schedule_floor"):
         _check_bool(name, getattr(opts, name))
     if opts.mask_token_id is None:
         raise ValueError("diffusion_generate: mask_token_id is unknown; set it in the model config or pass it")

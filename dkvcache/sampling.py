@@ -20,6 +20,9 @@ from dkvcache import rng
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy", "random")
 REMASKING_ALIASES = {"low_confidence": "maskgit_plus", "random": "random"}
+# "paper": stop at the first candidate failing (k+1)(1 − c_k) ≤ f. "fast_dllm": Fast-dLLM's code, which also
+# accepts the last candidate when it is the one that fails.
+FACTOR_RULES = ("paper", "fast_dllm")
 
 
 @dataclass(frozen=True)
@@ -164,21 +167,21 @@ def llada_quota(masked: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def parallel_count(conf: torch.Tensor, valid: torch.Tensor, threshold: float | None,
-                   factor: float | None) -> torch.Tensor:
+                   factor: float | None, factor_rule: str = "paper") -> torch.Tensor:
     """How many of the most confident valid candidates Fast-dLLM's parallel decoding transfers, per row (B,).
 
     threshold τ: the most confident one plus every other with confidence ≥ τ (equality accepted).
     factor f: sorted confidences c_1 ≥ c_2 ≥ …; the first is always taken, the k-th (k ≥ 2) while
     (k + 1)(1 − c_k) ≤ f, i.e. c_k ≥ 1 − f/(k+1) (Theorem 1 of the paper, scaled by f); stop at the first failure.
-    Unlike the original we also stop when that failure is the last candidate (the original then accepted all).
-    A row without candidates transfers 0.
+    With ``factor_rule="paper"`` we also stop when that failure is the last candidate; ``"fast_dllm"`` then
+    accepts all, as the original code. A row without candidates transfers 0.
     """
     ranked, order = torch.sort(conf.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True)
-    return prefix_count(ranked, valid.gather(1, order), threshold, factor)
+    return prefix_count(ranked, valid.gather(1, order), threshold, factor, factor_rule)
 
 
 def prefix_count(ordered: torch.Tensor, valid: torch.Tensor, threshold: float | None,
-                 factor: float | None) -> torch.Tensor:
+                 factor: float | None, factor_rule: str = "paper") -> torch.Tensor:
     """Length of the longest prefix of already-ordered scores (B, m) passing the threshold or factor rule.
 
     The first entry always passes (at least one token per step); the count never exceeds the valid entries.
@@ -190,7 +193,11 @@ def prefix_count(ordered: torch.Tensor, valid: torch.Tensor, threshold: float | 
         k = torch.arange(1, ordered.shape[1] + 1, device=ordered.device, dtype=ordered.dtype)
         passes = ordered >= 1 - factor / (k + 1)
     passes[:, :1] = True
-    return torch.minimum(passes.long().cumprod(1).sum(1), valid.sum(1))
+    count = torch.minimum(passes.long().cumprod(1).sum(1), valid.sum(1))
+    if threshold is None and factor_rule == "fast_dllm":
+        n = valid.sum(1)
+        count = torch.where(count == n - 1, n, count)
+    return count
 
 
 def entropy_bound_count(entropies: torch.Tensor, valid: torch.Tensor, gamma: float) -> torch.Tensor:

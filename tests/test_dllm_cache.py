@@ -11,6 +11,8 @@ from tests.conftest import left_pad, random_prompts, tiny_dream, tiny_llada
 
 PROMPTS = [random_prompts(1, 9, seed=41)[0], random_prompts(1, 5, seed=42)[0], random_prompts(1, 7, seed=43)[0]]
 MODELS = {"dream": lambda: tiny_dream(layers=3, seed=13), "llada": lambda: tiny_llada(layers=3, seed=14)}
+# Thresholds at which these prompts finish their blocks after different numbers of forwards (rows wait).
+RAGGED_THRESHOLD = {"dream": 0.2, "llada": 0.04}
 
 
 def _run(model, ids, mask=None, **kwargs):
@@ -60,7 +62,8 @@ def test_staleness_and_fed_fraction_by_hand(family):
 def test_padded_rows_equal_single_runs(family):
     model = MODELS[family]()
     ids, mask = left_pad(PROMPTS)
-    for extra in (dict(kp=50, kr=4, rou=0.25), dict(kp=3, kr=2, rou=0.5, block_length=4, threshold=0.3)):
+    ragged = dict(kp=3, kr=2, rou=0.5, block_length=4, threshold=RAGGED_THRESHOLD[family])
+    for extra in (dict(kp=50, kr=4, rou=0.25), ragged):
         batch = _run(model, ids, mask, use_cache=True, cache_type="dllm", **extra).sequences
         for i, prompt in enumerate(PROMPTS):
             single = _run(model, prompt[None], use_cache=True, cache_type="dllm", **extra).sequences
@@ -74,7 +77,7 @@ def test_schedule_kp3_kr2(monkeypatch):
 
     def plan(self, state):
         result = original(self, state)
-        seen.append((self.refresh_prompt, self.refresh_response))
+        seen.append((bool(self.prompt_rows[0]), bool(self.response_rows[0])))
         return result
 
     monkeypatch.setattr(DLLMCache, "plan", plan)
@@ -82,6 +85,31 @@ def test_schedule_kp3_kr2(monkeypatch):
     assert [t for t, (p, _) in enumerate(seen) if p] == [0, 3, 6, 9]
     assert [t for t, (_, r) in enumerate(seen) if r] == [0, 2, 4, 6, 8, 10]
     assert instances[0].kp == 3 and instances[0].kr == 2
+    # Forwards are counted over the whole call, as the original: blocks do not restart the schedule
+    # (12 forwards in blocks of 3: a restart would refresh the prompt at 0, 3, 6, 9 as well, so use kp=5).
+    seen.clear()
+    _run(MODELS["llada"](), PROMPTS[0][None], use_cache=True, cache_type="dllm", kp=5, kr=4, block_length=3)
+    assert [t for t, (p, _) in enumerate(seen) if p] == [0, 5, 10]
+    assert [t for t, (_, r) in enumerate(seen) if r] == [0, 4, 8]
+
+
+def test_waiting_row_keeps_its_own_count(monkeypatch):
+    """Under a threshold a row that finished its block early waits; its forward count does not advance."""
+    counts = []
+    original = DLLMCache.plan
+
+    def plan(self, state):
+        result = original(self, state)
+        counts.append(self.own_forwards.tolist())
+        return result
+
+    monkeypatch.setattr(DLLMCache, "plan", plan)
+    ids, mask = left_pad(PROMPTS)
+    out = _run(MODELS["dream"](), ids, mask, use_cache=True, cache_type="dllm", kp=3, kr=2, block_length=4,
+               threshold=RAGGED_THRESHOLD["dream"])
+    final = torch.tensor(counts[-1])
+    assert final.max() == out.stats["forwards"]
+    assert (final < out.stats["forwards"]).any()  # some row waited, so its own count is smaller
 
 
 def test_rou_zero_reuses_response_rows_bit_for_bit(monkeypatch):
@@ -117,7 +145,9 @@ def test_v_verify_selects_lowest_cosine_and_refreshes_every_value(monkeypatch):
     def verify(self, layer, x, ctx, index):
         start, length = self.prompt_length, x.shape[1]
         old = ctx.kv.values[index][:, :, start:length].clone()
-        rows = original(self, layer, x, ctx, index)
+        picked = original(self, layer, x, ctx, index)
+        assert self.verify_rows.all()  # no row refreshes its response here, none waits
+        rows = torch.nonzero(picked)[:, 1].view(picked.shape[0], -1)
         batch, heads, _, dim = old.shape
         fresh = layer.project_v(layer.attn_norm(x[:, start:]))
         stored = ctx.kv.values[index][:, :, start:length].transpose(1, 2).reshape(batch, -1, heads * dim)
@@ -129,7 +159,7 @@ def test_v_verify_selects_lowest_cosine_and_refreshes_every_value(monkeypatch):
         rest = similarity.scatter(1, rows - start, float("inf"))
         assert (chosen.max(1).values <= rest.min(1).values).all()  # exactly the lowest-cosine rows
         checked.append(index)
-        return rows
+        return picked
 
     monkeypatch.setattr(DLLMCache, "_verify_values", verify)
     ids, mask = left_pad(PROMPTS)

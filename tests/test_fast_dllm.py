@@ -128,6 +128,14 @@ def test_factor_rule_hand_cases():
     assert count([0.3]) == 1
     assert count([]) == 0  # a row whose block is done (the original hit an unbound variable)
 
+    def original(values):
+        conf = torch.tensor([values], dtype=torch.float64)
+        return int(parallel_count(conf, torch.ones_like(conf, dtype=torch.bool), None, 1.0, "fast_dllm"))
+
+    assert original([0.99, 0.9, 0.5]) == 3  # Fast-dLLM's code: a lone failure at the last rank is accepted
+    assert original([0.99, 0.5, 0.4, 0.2]) == 1 and original([0.99, 0.99, 0.5, 0.2]) == 2
+    assert original([0.99, 0.99, 0.99, 0.2]) == 4 and original([0.3]) == 1
+
 
 @pytest.mark.parametrize("family", MODELS)
 @pytest.mark.parametrize("extra", [dict(use_cache=True, cache_type="prefix"), dict(use_cache=True, cache_type="dual"),
@@ -175,6 +183,37 @@ def test_in_block_refresh_and_validation():
         llada.diffusion_generate(ids, gen_length=8, steps=8, threshold=0.9, factor=1.0)
     with pytest.raises(ValueError, match="dual_cache"):
         llada.diffusion_generate(ids, gen_length=8, steps=8, use_cache=True, cache_type="decoded", dual_cache=True)
+    with pytest.raises(ValueError, match="factor_rule"):
+        llada.diffusion_generate(ids, gen_length=8, steps=8, factor=1.0, factor_rule="original")
+    with pytest.raises(TypeError, match="schedule_floor"):
+        llada.diffusion_generate(ids, gen_length=8, steps=8, threshold=0.5, schedule_floor="yes")
+    with pytest.raises(ValueError, match="schedule_floor"):
+        llada.diffusion_generate(ids, gen_length=8, steps=8, remasking="random", threshold=0.5, use_cache=True,
+                                 cache_type="greedy")
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_rule_decides_and_schedule_floor_caps(family):
+    """threshold/factor: the rule alone decides (steps play no part, a block loops until done, as Fast-dLLM);
+    schedule_floor=True: at least the schedule's count, so a block takes at most steps / num_blocks forwards."""
+    model = MODELS[family]()
+    ids = PROMPTS[0][None]
+    for rule in (dict(threshold=1.5), dict(factor=0.01)):  # nothing passes: one token per forward
+        few, many = _gen(model, ids, steps=3, **rule), _gen(model, ids, steps=12, **rule)
+        assert torch.equal(few.sequences, many.sequences)
+        assert few.stats["forwards"] == many.stats["forwards"] == 12
+        capped = _gen(model, ids, steps=3, schedule_floor=True, **rule)
+        assert capped.stats["forwards"] == 3 and (capped.sequences != MASK).all()
+
+
+def test_dream_threshold_defaults_to_maskgit_plus():
+    """Fast-dLLM's Dream call: threshold/factor without alg decode by probability (Dream's default, origin, has
+    no confidence to compare)."""
+    dream = MODELS["dream"]()
+    ids = PROMPTS[0][None]
+    implicit = dream.diffusion_generate(ids, max_new_tokens=8, steps=8, threshold=0.2)
+    assert torch.equal(implicit, dream.diffusion_generate(ids, max_new_tokens=8, steps=8, threshold=0.2,
+                                                          alg="maskgit_plus"))
 
 
 @pytest.mark.parametrize("family", MODELS)
@@ -183,12 +222,15 @@ def test_in_block_refresh_and_validation():
                                    dict(cache_type="d2")],
                          ids=lambda c: c["cache_type"])
 def test_every_cache_with_threshold_keeps_rows_independent(family, cache):
-    """Rows finish blocks at different steps under a threshold; every cache restarts its schedule at each block
-    start, so a row that waited for the others still equals its single run."""
+    """Rows finish blocks at different steps under a threshold; a row that waited for the others still equals its
+    single run (dKV/prefix/dual/d2 restart their schedule at each block; dLLM-Cache counts a row's own forwards)."""
     model = MODELS[family]()
     ids, mask = left_pad(PROMPTS)
-    extra = dict(use_cache=True, threshold=0.15, **cache)
-    batch = _gen(model, ids, mask, **extra).sequences
+    extra = dict(use_cache=True, threshold={"dream": 0.1, "llada": 0.04}[family], **cache)
+    batch = _gen(model, ids, mask, **extra)
+    forwards = []
     for i, prompt in enumerate(PROMPTS):
-        single = _gen(model, prompt[None], **extra).sequences
-        assert torch.equal(batch[i, ids.shape[1]:], single[0, len(prompt):]), i
+        single = _gen(model, prompt[None], **extra)
+        forwards.append(single.stats["forwards"])
+        assert torch.equal(batch.sequences[i, ids.shape[1]:], single.sequences[0, len(prompt):]), i
+    assert batch.stats["forwards"] > min(forwards)  # some row really waited for the others

@@ -201,7 +201,7 @@ class D2Cache(CacheStrategy):
         self.stage2_total = torch.zeros((), dtype=torch.long, device=state.x.device)
 
     def begin_block(self, state: DecodeState) -> None:
-        if state.family.schedule == "quota":  # the loop's LLaDA transfer counts of this block
+        if state.steps_in_block is not None and state.family.schedule == "quota":  # the loop's LLaDA counts
             masked = state.masked()[:, state.block_start:state.block_end].sum(1)
             self.quota = llada_quota(masked, state.steps_in_block)
 
@@ -258,6 +258,8 @@ class D2Cache(CacheStrategy):
 
     def _next_need(self, state: DecodeState, masked: torch.Tensor) -> torch.Tensor:
         """(B,) the schedule's transfer count of each row's next decoding step (the decodable floor)."""
+        if state.steps_in_block is None:  # the parallel rule decides: it always takes the top candidate
+            return masked.any(1).long()
         gen, block = masked.shape[1], self.block_length
         first = torch.where(masked.any(1), masked.long().argmax(1), gen)
         start = first // block * block

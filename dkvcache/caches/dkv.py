@@ -229,6 +229,10 @@ class GreedyCache(CacheStrategy):
         if opts.alg != "random":
             raise ValueError("diffusion_generate: cache_type='greedy' decodes in an order drawn in advance, so it "
                              f"needs remasking='random' (alg='random'), got alg={opts.alg!r}")
+        if opts.rule_decides:
+            raise ValueError("diffusion_generate: cache_type='greedy' plans each step's active set from the step "
+                             "schedule, which threshold/factor decoding does not use; drop threshold/factor or pass "
+                             "schedule_floor=True")
         if options.get("cache_steps") is not None:
             _positive_int("cache_steps", options["cache_steps"], "greedy")
         window = options.get("window_size", 0)

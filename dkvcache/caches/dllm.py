@@ -3,14 +3,18 @@ adaptive partial updates. Spec: ../shared/spec/d2cache-and-dllmcache.md §3.
 
 Every position flows through every layer, but a layer recomputes only some rows and adds cached sublayer outputs
 for the others. Per layer it keeps K/V (in the shared buffers), the attention output after the output projection
-and the FFN output. At forward t (counted within the block; the original counts over the whole call, which is
-the same with one block but would tie a row's schedule to the rows it is batched with under parallel decoding):
+and the FFN output. At a row's forward t (counted over the whole call, across blocks, as the original):
   prompt rows  [0, P) are recomputed when t % kp == 0,
   response rows [P, L) when t % kr == 0,
   layer 0 always recomputes everything (as the original, commit 1ef9d03).
 Between response refreshes, V-verify recomputes ⌊rou·G⌋ response rows per row and layer: the value vectors of
 all response rows are recomputed (cheap: one projection) and written to the cache; the rows whose new value is
 least similar (cosine) to the cached one get fresh keys, attention and FFN.
+
+Batches: t counts each row's *own* forwards, those where it still has a MASK in its current block. Under parallel
+decoding a row that finished its block waits while others finish theirs; during that wait it recomputes only
+layer 0 (a function of its unchanged tokens) and leaves every other cached feature alone, so it resumes exactly
+where its single run would (padded rows == single runs, tested).
 
 ``fed_fraction`` in ``stats`` is, for this strategy, the rows recomputed per layer ÷ all rows, averaged over layers
 and forwards (every position still enters the embedding).
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 
 from dkvcache.caches.base import CacheStrategy, StepPlan, register_strategy
 from dkvcache.caches.dkv import _positive_int
+from dkvcache.indexing import ragged_indices
 from dkvcache.partial_forward import ForwardContext, attention_sublayer, rows_context
 from dkvcache.state import DecodeState
 
@@ -48,6 +53,11 @@ def resolve_preset(preset: str, family: str) -> tuple[int, int]:
         raise ValueError(f"diffusion_generate: dllm_preset={preset!r} is invalid; allowed: a task in "
                          f"{sorted(PRESETS)}, optionally prefixed by 'base/' or 'inst/' (default inst)")
     return PRESETS[task][f"{family}-{variant}"]
+
+
+def _with_scratch(features: torch.Tensor) -> torch.Tensor:
+    """(B, L, d) → (B, L + 1, d) with a zero scratch row at L."""
+    return torch.cat([features, features.new_zeros(features.shape[0], 1, features.shape[2])], dim=1)
 
 
 def least_similar_rows(v_new: torch.Tensor, v_old: torch.Tensor, count: int) -> torch.Tensor:
@@ -86,75 +96,85 @@ class DLLMCache(CacheStrategy):
         self.kp = self.kp or kp
         self.kr = self.kr or kr
         n_layers = len(state.model._layers())
+        # Cached sublayer outputs (B, L + 1, d): slot L is a scratch row for padded index entries.
         self.attn_out: list[torch.Tensor | None] = [None] * n_layers
         self.ffn_out: list[torch.Tensor | None] = [None] * n_layers
         self.prompt_length = state.prompt_length
-        self.forward_index = -1
-        self.rows_recomputed = 0
+        self.own_forwards = torch.zeros(state.batch, dtype=torch.long, device=state.x.device)
+        self.rows_recomputed = torch.zeros((), dtype=torch.long, device=state.x.device)
         self.rows_total = 0
 
     def plan(self, state: DecodeState) -> StepPlan:
-        # Forwards are counted within the block (the original counts over the call; identical with one block),
-        # so every block starts with a full refresh and a row that waited for slower rows equals its single run.
-        self.forward_index = state.step_in_block
-        self.refresh_prompt = self.forward_index % self.kp == 0
-        self.refresh_response = self.forward_index % self.kr == 0
-        return StepPlan(fed_idx=None, use_kv=True, refresh=self.refresh_prompt and self.refresh_response)
+        active = state.masked()[:, state.block_start:state.block_end].any(1)
+        t = self.own_forwards
+        self.prompt_rows = active & (t % self.kp == 0)
+        self.response_rows = active & (t % self.kr == 0)
+        self.verify_rows = active & ~self.response_rows if self.rou > 0 else torch.zeros_like(active)
+        self.own_forwards = t + active.long()
+        refresh = bool((self.prompt_rows & self.response_rows | ~active).all())
+        return StepPlan(fed_idx=None, use_kv=True, refresh=refresh)
 
     def layer_hook(self):
         return self._layer
 
     def _layer(self, index: int, layer, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        first = self.attn_out[index] is None
-        prompt = self.refresh_prompt or index == 0 or first
-        response = self.refresh_response or index == 0 or first
-        length, start = x.shape[1], self.prompt_length
-        self.rows_total += length
-        if prompt and response:
-            self.rows_recomputed += length
+        batch, length = x.shape[:2]
+        self.rows_total += batch * length
+        if index == 0 or self.attn_out[index] is None:
+            self.rows_recomputed += batch * length
             return self._all_rows(layer, x, ctx, index)
-        parts = []
-        if prompt:
-            parts.append(torch.arange(start, device=x.device).expand(x.shape[0], -1))
-        if response:
-            parts.append(torch.arange(start, length, device=x.device).expand(x.shape[0], -1))
-        elif self.rou > 0:
-            parts.append(self._verify_values(layer, x, ctx, index))
-        rows = torch.cat(parts, dim=1) if parts else x.new_zeros((x.shape[0], 0), dtype=torch.long)
-        self.rows_recomputed += rows.shape[1]
+        start = self.prompt_length
+        recompute = torch.zeros(batch, length, dtype=torch.bool, device=x.device)
+        recompute[:, :start] = self.prompt_rows[:, None]
+        recompute[:, start:] = self.response_rows[:, None]
+        if self.verify_rows.any():
+            recompute |= self._verify_values(layer, x, ctx, index)
+        self.rows_recomputed += recompute.sum()
+        if bool(recompute.all()):
+            return self._all_rows(layer, x, ctx, index)
+        rows = ragged_indices(recompute, pad_value=length)[0]
         return self._some_rows(layer, x, ctx, index, rows)
 
     def _all_rows(self, layer, x: torch.Tensor, ctx: ForwardContext, index: int) -> torch.Tensor:
         attn = attention_sublayer(layer, layer.attn_norm(x), ctx, index)
         hidden = x + attn
         ffn = layer.mlp(layer.mlp_norm(hidden))
-        self.attn_out[index], self.ffn_out[index] = attn, ffn
+        self.attn_out[index], self.ffn_out[index] = _with_scratch(attn), _with_scratch(ffn)
         return hidden + ffn
 
     def _some_rows(self, layer, x: torch.Tensor, ctx: ForwardContext, index: int, rows: torch.Tensor) -> torch.Tensor:
+        """Recompute ``rows`` (B, n; padding entries = L write to the scratch row) and reuse the rest."""
+        length = x.shape[1]
         attn_out, ffn_out = self.attn_out[index], self.ffn_out[index]
         if rows.shape[1]:
-            gather = rows[..., None].expand(-1, -1, x.shape[-1])
-            fresh = attention_sublayer(layer, layer.attn_norm(x.gather(1, gather)), rows_context(ctx, rows), index)
-            attn_out.scatter_(1, gather, fresh)
-            hidden = x + attn_out
-            ffn_out.scatter_(1, gather, layer.mlp(layer.mlp_norm(hidden.gather(1, gather))))
+            safe = rows.clamp(max=length - 1)[..., None].expand(-1, -1, x.shape[-1])
+            target = rows[..., None].expand(-1, -1, x.shape[-1])
+            fresh = attention_sublayer(layer, layer.attn_norm(x.gather(1, safe)), rows_context(ctx, rows), index)
+            attn_out.scatter_(1, target, fresh)
+            hidden = x + attn_out[:, :length]
+            ffn_out.scatter_(1, target, layer.mlp(layer.mlp_norm(hidden.gather(1, safe))))
         else:
-            hidden = x + attn_out
-        return hidden + ffn_out
+            hidden = x + attn_out[:, :length]
+        return hidden + ffn_out[:, :length]
 
     def _verify_values(self, layer, x: torch.Tensor, ctx: ForwardContext, index: int) -> torch.Tensor:
-        """V-verify: refresh every response value vector, return the ⌊rou·G⌋ least similar response rows."""
+        """V-verify for the rows in ``verify_rows``: refresh their response value vectors in the cache and
+        return (B, L) the ⌊rou·G⌋ least similar response positions of each of those rows."""
         start, length = self.prompt_length, x.shape[1]
-        batch, heads, _, head_dim = ctx.kv.values[index].shape
+        values = ctx.kv.values[index]
+        batch, heads, _, head_dim = values.shape
         v_new = layer.project_v(layer.attn_norm(x[:, start:]))
-        cached = ctx.kv.values[index][:, :, start:length]
+        cached = values[:, :, start:length]
         v_old = cached.transpose(1, 2).reshape(batch, length - start, heads * head_dim)
-        rows = least_similar_rows(v_new, v_old, int(self.rou * (length - start))) + start
-        ctx.kv.values[index][:, :, start:length] = v_new.view(batch, length - start, heads, head_dim).transpose(1, 2)
-        return rows
+        picked = least_similar_rows(v_new, v_old, int(self.rou * (length - start))) + start
+        rows = self.verify_rows
+        fresh = v_new.view(batch, length - start, heads, head_dim).transpose(1, 2)
+        values[:, :, start:length] = torch.where(rows[:, None, None, None], fresh, cached)
+        out = torch.zeros(batch, length, dtype=torch.bool, device=x.device)
+        out.scatter_(1, picked, True)
+        return out & rows[:, None]
 
     def stats(self) -> dict:
-        fraction = self.rows_recomputed / max(self.rows_total, 1)
+        fraction = int(self.rows_recomputed) / max(self.rows_total, 1)
         return {**super().stats(), "fed_fraction": fraction, "recompute_fraction": fraction, "kp": self.kp,
                 "kr": self.kr, "rou": self.rou}
