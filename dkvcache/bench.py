@@ -28,6 +28,8 @@ import torch
 
 import dkvcache
 from dkvcache import caches
+from dkvcache.cli_values import parse_value
+from dkvcache.loading import load_model
 
 BASE_DEFAULTS: dict[str, Any] = {
     "model_kind": "dream", "vocab": 4096, "hidden": 256, "layers": 2, "heads": 4, "kv_heads": 2,
@@ -50,21 +52,9 @@ H_METHOD = ("h = 1 - F/T. T: min wall time of a no-cache generate call with full
             "candidates, sampling, transfer choice and loop bookkeeping. cap = 1/(fed*(1-h)+h).")
 
 
-def parse_value(text: str) -> Any:
-    """'True'/'False'/'None' → bool/None, then int, then float, else the string itself."""
-    special = {"true": True, "false": False, "none": None, "null": None}
-    if text.strip().lower() in special:
-        return special[text.strip().lower()]
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text.strip()
-
-
 def parse_kwargs(text: str) -> dict[str, Any]:
-    """'a=1,b=True,c=x' → {'a': 1, 'b': True, 'c': 'x'}; an empty string → {}."""
+    """'a=1,b=True,c=x' → {'a': 1, 'b': True, 'c': 'x'} (values by :func:`dkvcache.cli_values.parse_value`);
+    an empty string → {}."""
     out: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         if "=" not in item:
@@ -99,10 +89,7 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     if args.model:
-        from transformers import AutoModel
-
-        model = AutoModel.from_pretrained(args.model, dtype=dtype)
-        return model.to(device=args.device, dtype=dtype).eval()
+        return load_model(args.model, dtype=dtype, device=args.device)
     # Random init directly on the target device and dtype: an 8B model built on CPU in float32 first would take
     # minutes and 32 GB of host memory.
     previous = torch.get_default_dtype()
@@ -258,6 +245,7 @@ def environment(device: torch.device, argv: list[str]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``dkvcache-bench`` command line (unset flags stay None; :func:`resolve_args` fills them)."""
     p = argparse.ArgumentParser(prog="dkvcache-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="defaults that explicit flags override")

@@ -91,6 +91,7 @@ def plot(results: dict[int, list[dict[str, Any]]], title: str, path: Path) -> No
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m dkvcache.bench_matrix``: one bench run per batch size, then JSON and plot."""
     p = argparse.ArgumentParser(prog="python -m dkvcache.bench_matrix", description=__doc__.split("\n\n")[0])
     p.add_argument("matrix", choices=sorted(MATRICES))
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])

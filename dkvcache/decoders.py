@@ -25,6 +25,7 @@ from dkvcache.indexing import ragged_indices, scatter_rows
 from dkvcache.sampling import (
     Family,
     entropy_bound_count,
+    origin_transfer,
     parallel_count,
     prefix_count,
     select_sampled,
@@ -114,6 +115,10 @@ class Decoder:
 
     def choose(self, step: StepView, count: torch.Tensor) -> torch.Tensor:
         """Which candidates to unmask (B, m) bool; ``count`` (B,) is the schedule's count."""
+        if self.opts.alg == "origin":  # Dream's random order: no ranking, each candidate by its own coin
+            state = step.state
+            return origin_transfer(step.cand_valid, state.step_in_block, state.steps_in_block, self.opts.eps,
+                                   state.row_seeds, state.noise_step, step.offsets) & step.decodable
         count = self.vanilla_count(step, count)
         if self.opts.alg_temp:
             state = step.state

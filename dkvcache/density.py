@@ -26,3 +26,13 @@ def certainty_density(known: torch.Tensor, sigma: float) -> torch.Tensor:
     # output i ∈ [0, G) ↔ extended index i + G; the kernel spans every j of the extended row
     out = F.conv1d(extended[:, None], kernel[None, None], padding=3 * gen - 1)[:, 0]
     return out[:, gen:2 * gen] / total
+
+
+def certainty_prior(conf: torch.Tensor, known: torch.Tensor, offsets: torch.Tensor,
+                    sigma: float | None) -> torch.Tensor:
+    """The score candidates are ranked by: ``conf`` (B, m) times the density at their ``offsets`` (B, m) in the
+    generated region, whose decoded positions are ``known`` (B, G); ``conf`` itself when ``sigma`` is off."""
+    if not sigma:
+        return conf
+    density = certainty_density(known, sigma)
+    return conf.double() * density.gather(1, offsets.clamp(max=density.shape[1] - 1))  # pads: any column

@@ -16,18 +16,14 @@ import torch
 from transformers.utils import ModelOutput
 
 from dkvcache import caches
+from dkvcache.caches.base import StepOutcome
 from dkvcache.decoders import Decoder, StepView, make_decoder
-from dkvcache.density import certainty_density
+from dkvcache.density import certainty_prior
 from dkvcache.indexing import ragged_indices, scatter_rows, slots_of
 from dkvcache.options import GenerationOptions, resolve_options
 from dkvcache.rng import resolve_row_seeds
-from dkvcache.sampling import (
-    FAMILIES,
-    linspace_count,
-    llada_quota,
-    origin_transfer,
-    propose_tokens,
-)
+from dkvcache.sampling import FAMILIES, propose_tokens
+from dkvcache.schedule import BlockSchedule
 from dkvcache.state import DecodeState
 
 
@@ -152,14 +148,13 @@ def _denoise(state: DecodeState, strategy: caches.CacheStrategy,
     for block_index, (block_start, block_end, steps) in enumerate(_blocks(state)):
         state.block_index = block_index
         state.block_start, state.block_end, state.steps_in_block = block_start, block_end, steps
+        state.schedule = BlockSchedule.start(state.family.schedule, steps, opts.eps,
+                                             state.masked()[:, block_start:block_end].sum(1))
         strategy.begin_block(state)
-        quota = None
-        if steps is not None and state.family.schedule == "quota":
-            quota = llada_quota(state.masked()[:, block_start:block_end].sum(1), steps)
         limit = steps if steps is not None else _RULE_STEPS_PER_POSITION * (block_end - block_start)
         for i in range(limit):
             state.step_in_block = i
-            if not _step(state, strategy, decoder, quota):
+            if not _step(state, strategy, decoder):
                 break
             state.global_step += 1
             if opts.output_history:
@@ -187,7 +182,7 @@ def _all_rows_ended(state: DecodeState, block_end: int) -> bool:
     return bool((region == state.opts.eos_token_id).any(dim=1).all())
 
 
-def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder, quota: torch.Tensor | None) -> bool:
+def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder) -> bool:
     """One denoising step of the current block. Returns False when the block has nothing left to decode."""
     opts, length = state.opts, state.length
     candidates = state.masked()
@@ -197,8 +192,7 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder, 
     if cand_pos.shape[1] == 0:
         return False
     plan = strategy.plan(state)
-    if plan.refresh:
-        strategy.refreshes += 1
+    state.refreshes += int(plan.refresh)
     source = cand_pos - 1 if state.family.shift_logits else cand_pos
     source = torch.where(cand_valid, source, length)
     hidden, shadow = _forward(state, strategy, plan, decoder)
@@ -213,63 +207,27 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder, 
         logits, decodable = _logits_at(state, hidden, plan, source, cand_valid)
 
     offsets = (cand_pos - state.prompt_length).clamp(min=0)
-    push_last = []
-    if opts.confidence_eos_eot_inf:
-        push_last = [t for t in (opts.eos_token_id, opts.eot_token_id) if t is not None]
-    banned = _banned_ids(opts)
     x0, conf = propose_tokens(
         logits, family=state.family, alg=opts.alg, temperature=opts.temperature, top_p=opts.top_p,
         top_k=opts.top_k, row_seeds=state.row_seeds, step=state.noise_step, offsets=offsets,
-        banned_ids=banned, push_last_ids=push_last)
+        banned_ids=opts.banned_ids, push_last_ids=opts.push_last_ids)
     override = strategy.confidence(state, cand_pos)
-    if override is not None:
-        conf = override
-    step = StepView(state, cand_pos, cand_valid, decodable, offsets, logits, x0, conf, banned, shadow=shadow)
-    conf = step.conf = decoder.confidence(step)
-    score = conf
-    if opts.sigma:  # certainty prior: favour positions next to decoded ones
-        density = certainty_density(~state.masked()[:, state.prompt_length:], opts.sigma)
-        score = conf.double() * density.gather(1, offsets.clamp(max=density.shape[1] - 1))  # pads: any column
-    step.score = score
-    transfer = _choose(state, decoder, step, quota)
-    state.step_candidates, state.step_valid, state.step_confidence = cand_pos, cand_valid, conf
-    state.step_transfer, state.step_fed_idx = transfer, plan.fed_idx
+    raw_conf = conf if override is None else override
+    step = StepView(state, cand_pos, cand_valid, decodable, offsets, logits, x0, raw_conf, opts.banned_ids,
+                    shadow=shadow)
+    step.conf = decoder.confidence(step)
+    step.score = certainty_prior(step.conf, ~state.masked()[:, state.prompt_length:], offsets, opts.sigma)
+    transfer = decoder.choose(step, state.schedule.count(state.step_in_block, cand_valid.sum(1)))
 
     x_before = state.x.clone()
     new_tokens = scatter_rows(torch.where(transfer, x0, opts.mask_token_id), cand_pos, length, opts.mask_token_id)
     written = scatter_rows(transfer, cand_pos, length, False)
     state.x = torch.where(written, new_tokens, state.x)
     decoder.after_write(step, transfer, x_before)
-    strategy.after_step(state, x_before)
+    strategy.after_step(state, StepOutcome(plan.fed_idx, cand_pos, cand_valid, step.conf, transfer, x_before))
     if opts.generation_tokens_hook_func is not None:
         state.x = opts.generation_tokens_hook_func(state.global_step, state.x, full)
     return True
-
-
-def _banned_ids(opts: GenerationOptions) -> list[int]:
-    """Tokens never proposed: MASK itself (writing it would leave a "decoded" position masked; the originals
-    allow it, it only shows on untrained weights) and EOS under ``logits_eos_inf``."""
-    return [opts.mask_token_id] + ([opts.eos_token_id] if opts.logits_eos_inf else [])
-
-
-def _choose(state: DecodeState, decoder: Decoder, step: StepView, quota: torch.Tensor | None) -> torch.Tensor:
-    """Which candidates to unmask this step (B, m) bool; only ``decodable`` ones can be chosen.
-
-    The schedule gives a count per row and the decoder turns it into a set. With threshold/factor the rule
-    decides alone (count 0: the decoder's rule takes the top candidate plus those passing), as Fast-dLLM;
-    with ``schedule_floor`` the schedule's count stays a floor.
-    """
-    opts, i, steps = state.opts, state.step_in_block, state.steps_in_block
-    if opts.alg == "origin":
-        return origin_transfer(step.cand_valid, i, steps, opts.eps, state.row_seeds, state.noise_step,
-                               step.offsets) & step.decodable
-    if steps is None:
-        count = torch.zeros_like(step.cand_pos[:, 0])
-    elif quota is not None:
-        count = quota[:, i]
-    else:
-        count = linspace_count(step.cand_valid.sum(1), i, steps, opts.eps)
-    return decoder.choose(step, count)
 
 
 def _forward(state: DecodeState, strategy: caches.CacheStrategy, plan: caches.StepPlan,
@@ -299,10 +257,9 @@ def _forward(state: DecodeState, strategy: caches.CacheStrategy, plan: caches.St
         if state.kv is None:
             state.kv = model.allocate_kv(ids.shape[0], state.length)
         kv = state.kv
-    state.attn_probs = []
     hidden = model.partial_forward(ids, positions, key_valid, fed_idx=plan.fed_idx, kv=kv,
                                    layer_hook=strategy.layer_hook(), want_attn_probs=strategy.wants_attention,
-                                   attn_probs_out=state.attn_probs, extra_mask=extra_mask)
+                                   extra_mask=extra_mask)
     state.forwards += 1
     state.full_positions += ids.numel()
     fed = ids.numel() if plan.fed_idx is None else (plan.fed_idx < state.length).sum() * (ids.shape[0] // state.batch)
@@ -383,5 +340,6 @@ def _stats(state: DecodeState, strategy: caches.CacheStrategy, seconds: float) -
         "tokens_per_s": total / seconds if seconds > 0 else float("nan"),
         "cache_type": state.opts.cache_type,
         "block_length": state.opts.block_length or state.opts.max_new_tokens,
+        "refreshes": state.refreshes,
         **strategy.stats(),
     }

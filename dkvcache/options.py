@@ -88,6 +88,19 @@ class GenerationOptions:
     narrow_out_thres: float | None = None
 
     @property
+    def banned_ids(self) -> list[int]:
+        """Tokens never proposed: MASK itself (writing it would leave a "decoded" position masked; the originals
+        allow it, it only shows on untrained weights) and EOS under ``logits_eos_inf``."""
+        return [self.mask_token_id] + ([self.eos_token_id] if self.logits_eos_inf else [])
+
+    @property
+    def push_last_ids(self) -> list[int]:
+        """Tokens whose mass is removed from the confidence under ``confidence_eos_eot_inf`` (decoded last)."""
+        if not self.confidence_eos_eot_inf:
+            return []
+        return [t for t in (self.eos_token_id, self.eot_token_id) if t is not None]
+
+    @property
     def parallel(self) -> bool:
         """Fast-dLLM parallel decoding is on (``threshold`` or ``factor`` given)."""
         return self.threshold is not None or self.factor is not None

@@ -269,7 +269,7 @@ class PartialForwardMixin:
         ctx = ForwardContext(positions=pos, fed_idx=fed_idx, key_valid=keys_ok, kv=kv, layer_hook=layer_hook,
                              want_attn_probs=want_attn_probs, extra_mask=extra_mask)
         hidden = run_layers(self._layers(), self._embed(ids), ctx, self._head_dim, self._rope_theta)
-        if attn_probs_out is not None:
+        if attn_probs_out is not None:  # for analysis; a layer hook may consume them first (d2Cache does)
             attn_probs_out.extend(ctx.attn_probs)
         return hidden
 

@@ -9,6 +9,7 @@ import torch
 
 from dkvcache.options import GenerationOptions
 from dkvcache.sampling import Family
+from dkvcache.schedule import BlockSchedule
 
 
 @dataclass
@@ -17,7 +18,8 @@ class DecodeState:
 
     x (B, L): prompt (left-padded) then the generated region [prompt_length, L).
     positions (B, L): rotary positions (left padding shifts them per row). key_valid (B, L): not a pad.
-    Blocks: the loop sets block_start/block_end (absolute positions), step_in_block and steps_in_block.
+    Blocks: the loop sets block_start/block_end (absolute positions), step_in_block, steps_in_block (None when
+    the parallel rule decides) and ``schedule``. What a step did reaches strategies as a ``StepOutcome``.
     """
 
     model: Any
@@ -32,21 +34,14 @@ class DecodeState:
     block_start: int = 0
     block_end: int = 0
     step_in_block: int = 0
-    steps_in_block: int = 0
+    steps_in_block: int | None = 0
     global_step: int = 0
     kv: Any | None = None
     forwards: int = 0
     full_positions: int = 0
     fed_positions: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
-    # What the last step did, for strategies that plan from it (d2Cache): the fed positions (None = all), the
-    # candidates (B, m) with validity, their raw confidences, which were transferred, and, when the strategy
-    # asked for them, the attention probabilities of the fed queries per layer (B, H, n, L + 1).
-    step_fed_idx: torch.Tensor | None = None
-    step_candidates: torch.Tensor | None = None
-    step_valid: torch.Tensor | None = None
-    step_confidence: torch.Tensor | None = None
-    step_transfer: torch.Tensor | None = None
-    attn_probs: list = field(default_factory=list)
+    refreshes: int = 0
+    schedule: BlockSchedule | None = None  # the current block's transfer counts (set by the loop)
 
     @property
     def batch(self) -> int:

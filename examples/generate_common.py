@@ -17,14 +17,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-import models  # noqa: E402,F401  (registers the Auto classes)
 from dkvcache.bench import random_prompts  # noqa: E402
 from dkvcache.caches import available_strategies  # noqa: E402
-
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+from dkvcache.loading import load_model, load_tokenizer  # noqa: E402
 
 
 def add_common_flags(p: argparse.ArgumentParser, default_model: Path) -> None:
+    """The flags both example scripts take (model, lengths, batching, prompts, dtype/device, --compare)."""
     p.add_argument("--model", default=str(default_model),
                    help=f"checkpoint directory or Hub id (default: the shipped {default_model.name})")
     p.set_defaults(default_model=str(default_model))
@@ -87,14 +86,8 @@ def load(cls: Any, args: argparse.Namespace) -> tuple[Any, Any, torch.device]:
     if args.model == args.default_model and not path.is_dir():
         print(f"note: {path} not found; using a small random-init model (answers are noise)")
         return _random_model(cls, args.seed).to(device=device, dtype=dtype).eval(), None, device
-    model = cls.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    tokenizer = None
-    # transformers 5 builds an *empty* tokenizer from a local directory without vocabulary files: look first.
-    if not path.is_dir() or any((path / name).is_file() for name in TOKENIZER_FILES):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    return model, tokenizer, device
+    model = load_model(args.model, dtype=dtype, device=device, family=cls.diffusion_family)
+    return model, load_tokenizer(args.model, required=False), device
 
 
 def encode(tokenizer: Any, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,6 +103,7 @@ def encode(tokenizer: Any, prompts: list[str], device: torch.device) -> tuple[to
 
 
 def check_strategy(name: str) -> None:
+    """Exit with the list of registered strategies when ``name`` is not one of them."""
     strategies = available_strategies()
     if name not in strategies:
         raise SystemExit(f"error: cache_type={name!r} is not registered; available: {sorted(strategies)}")
@@ -152,12 +146,14 @@ def run(model: Any, tokenizer: Any, device: torch.device, prompts: list[str] | N
 
 
 def peak_memory(device: torch.device) -> str:
+    """Peak GPU memory allocated, or the process's peak RSS on CPU, as text."""
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (GPU)"
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
 
 
 def report(label: str, totals: dict[str, float]) -> None:
+    """Print one setting's totals on one line."""
     print(f"{label}: {totals['tokens']} response tokens (up to EOS) in {totals['seconds']:.2f} s = "
           f"{totals['tokens_per_s']:.1f} tokens/s, {totals['tokens_per_forward']:.2f} tokens per forward, "
           f"fed fraction {totals['fed_fraction']:.3f}"

@@ -7,7 +7,6 @@ import torch
 
 import dkvcache.caches.d2  # noqa: F401  (registers "d2" / "d2cache" until the package imports it)
 from dkvcache.caches.d2 import D2Cache, inflate, nucleus, rollout_influence, rollout_matrix, stage_one
-from dkvcache.options import GenerationOptions
 from tests.conftest import MASK, left_pad, random_prompts, tiny_dream, tiny_llada
 
 PROMPTS = [random_prompts(1, 8, seed=41)[0], random_prompts(1, 3, seed=42)[0], random_prompts(1, 6, seed=43)[0]]
@@ -264,10 +263,10 @@ def test_confidence_cache_refresh_and_frozen(llada, frozen, monkeypatch):
     snapshots = []
     original = D2Cache.after_step
 
-    def spy(self, state, x_before):
-        original(self, state, x_before)
+    def spy(self, state, outcome):
+        original(self, state, outcome)
         snapshots.append((self.conf.clone(), state.masked()[:, state.prompt_length:].clone(),
-                          state.step_candidates.clone(), state.step_confidence.clone()))
+                          outcome.candidates.clone(), outcome.confidence.clone()))
 
     monkeypatch.setattr(D2Cache, "after_step", spy)
     ids = PROMPTS[0][None]
@@ -326,7 +325,6 @@ def test_inflate_default_with_blocks_or_parallel_decoding(llada):
     assert _d2(llada, ids, threshold=0.5).stats["inflate_w"] == 4
 
 
-@pytest.mark.skipif(not hasattr(GenerationOptions, "decoding"), reason="no decoding strategies in this tree")
 @pytest.mark.parametrize("family", MODELS)
 @pytest.mark.parametrize("decoding", ["ar", "klass", "eb_sampler"])
 def test_decoding_strategies_compose(family, decoding):

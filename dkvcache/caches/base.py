@@ -31,6 +31,26 @@ class StepPlan:
     refresh: bool = False
 
 
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one step did, handed to :meth:`CacheStrategy.after_step` (read-only; in the spirit of the d2Cache
+    framework's ``on_step_end(frame, delta)``).
+
+    fed_idx:    (B, n) positions fed this step (padding = L), or None when every position was fed.
+    candidates: (B, m) the still-masked positions of the block considered (padding = L), ``valid`` (B, m).
+    confidence: (B, m) their confidences (after a decoder's adjustment, e.g. PC-sampler; before the prior).
+    transfer:   (B, m) which candidates were unmasked.
+    x_before:   (B, L) the sequences before the write (``state.x`` holds them after).
+    """
+
+    fed_idx: torch.Tensor | None
+    candidates: torch.Tensor
+    valid: torch.Tensor
+    confidence: torch.Tensor
+    transfer: torch.Tensor
+    x_before: torch.Tensor
+
+
 class CacheStrategy:
     """Base class: feeds every position every step (no cache). Subclasses override what they need."""
 
@@ -40,8 +60,7 @@ class CacheStrategy:
     wants_attention: ClassVar[bool] = False  # ask the forward for attention probabilities of the fed queries
 
     def __init__(self, **options) -> None:
-        self.options = options
-        self.refreshes = 0
+        """Options are the names in ``option_names``, already validated by :meth:`check`."""
 
     @classmethod
     def check(cls, options: dict, family: str, opts) -> None:
@@ -57,7 +76,7 @@ class CacheStrategy:
         """Which positions to feed at ``state.step_in_block``."""
         return StepPlan()
 
-    def after_step(self, state: DecodeState, x_before: torch.Tensor) -> None:
+    def after_step(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Bookkeeping once the step's tokens are written into ``state.x``."""
 
     def confidence(self, state: DecodeState, cand_pos: torch.Tensor) -> torch.Tensor | None:
@@ -69,7 +88,8 @@ class CacheStrategy:
         return None
 
     def stats(self) -> dict:
-        return {"refreshes": self.refreshes}
+        """Strategy-specific entries for ``DiffusionOutput.stats`` (the loop adds forwards, refreshes …)."""
+        return {}
 
 
 _REGISTRY: dict[str, type[CacheStrategy]] = {}

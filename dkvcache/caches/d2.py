@@ -39,11 +39,10 @@ from __future__ import annotations
 
 import torch
 
-from dkvcache.caches.base import CacheStrategy, StepPlan, register_strategy
+from dkvcache.caches.base import CacheStrategy, StepOutcome, StepPlan, register_strategy
 from dkvcache.density import certainty_density
 from dkvcache.indexing import ragged_indices, slots_of
 from dkvcache.partial_forward import ForwardContext, compute_dtype, layer_forward
-from dkvcache.sampling import linspace_count, llada_quota
 from dkvcache.state import DecodeState
 
 
@@ -200,11 +199,6 @@ class D2Cache(CacheStrategy):
         self.selection: torch.Tensor | None = None
         self.stage2_total = torch.zeros((), dtype=torch.long, device=state.x.device)
 
-    def begin_block(self, state: DecodeState) -> None:
-        if state.steps_in_block is not None and state.family.schedule == "quota":  # the loop's LLaDA counts
-            masked = state.masked()[:, state.block_start:state.block_end].sum(1)
-            self.quota = llada_quota(masked, state.steps_in_block)
-
     def plan(self, state: DecodeState) -> StepPlan:
         self.means = []
         if self.selection is None:
@@ -224,32 +218,32 @@ class D2Cache(CacheStrategy):
         self.means.append(probs[..., :length].mean(1, dtype=compute_dtype(probs.dtype)))
         return hidden
 
-    def after_step(self, state: DecodeState, x_before: torch.Tensor) -> None:
+    def after_step(self, state: DecodeState, outcome: StepOutcome) -> None:
         length = state.length
-        fed_idx = state.step_fed_idx
+        fed_idx = outcome.fed_idx
         if fed_idx is None:
             fed_idx = torch.arange(length, device=state.x.device).expand(state.batch, -1)
             fed_valid = state.key_valid
         else:
             fed_valid = fed_idx < length
-        self._update_confidence(state, fed_idx)
+        self._update_confidence(state, outcome, fed_idx)
         influence = rollout_influence(self.means, fed_idx, fed_valid)
         self.means = []
-        selection, extra = self._select(state, x_before, influence)
-        active = state.step_valid.any(1)[:, None]  # rows idle this step keep their selection
+        selection, extra = self._select(state, outcome.x_before, influence)
+        active = outcome.valid.any(1)[:, None]  # rows idle this step keep their selection
         self.selection = selection if self.selection is None else torch.where(active, selection, self.selection)
         self.stage2_total = self.stage2_total + (extra & active).sum()
 
-    def _update_confidence(self, state: DecodeState, fed_idx: torch.Tensor) -> None:
+    def _update_confidence(self, state: DecodeState, outcome: StepOutcome, fed_idx: torch.Tensor) -> None:
         """Store the certainty of every candidate whose prediction was fresh (its source position was fed)."""
         length = state.length
-        cand, valid = state.step_candidates, state.step_valid
+        cand, valid = outcome.candidates, outcome.valid
         source = cand - 1 if state.family.shift_logits else cand
         fresh = valid & (slots_of(fed_idx, length).gather(1, torch.where(valid, source, length)) >= 0)
         if self.frozen:
             offsets = (cand - state.prompt_length).clamp(0, self.conf.shape[1] - 1)
             fresh = fresh & ~self.seen.gather(1, offsets)
-        conf = state.step_confidence.double()
+        conf = outcome.confidence.double()
         certainty = conf.exp() if state.opts.alg == "entropy" else conf.clamp(min=0)
         offsets = torch.where(fresh, cand - state.prompt_length, self.conf.shape[1])
         pad = self.conf.new_zeros(state.batch, 1)
@@ -258,22 +252,17 @@ class D2Cache(CacheStrategy):
 
     def _next_need(self, state: DecodeState, masked: torch.Tensor) -> torch.Tensor:
         """(B,) the schedule's transfer count of each row's next decoding step (the decodable floor)."""
-        if state.steps_in_block is None:  # the parallel rule decides: it always takes the top candidate
+        schedule = state.schedule
+        if schedule.steps is None:  # the parallel rule decides: it always takes the top candidate
             return masked.any(1).long()
         gen, block = masked.shape[1], self.block_length
         first = torch.where(masked.any(1), masked.long().argmax(1), gen)
         start = first // block * block
         in_block = masked.reshape(masked.shape[0], -1, block).sum(2)
         n_block = in_block.gather(1, (start // block).clamp(max=gen // block - 1)[:, None])[:, 0]
-        i, steps = state.step_in_block + 1, state.steps_in_block
-        same = (start + state.prompt_length == state.block_start) & (i < steps)
-        if state.family.schedule == "quota":
-            fresh = llada_quota(n_block, steps)[:, 0]
-            cont = self.quota[:, min(i, steps - 1)]
-        else:
-            fresh = linspace_count(n_block, 0, steps, state.opts.eps)
-            cont = linspace_count(n_block, min(i, steps - 1), steps, state.opts.eps)
-        return torch.where(same, cont, fresh)
+        i = state.step_in_block + 1
+        same = (start + state.prompt_length == state.block_start) & (i < schedule.steps)
+        return torch.where(same, schedule.count(i, n_block), schedule.fresh_count(n_block))
 
     def _select(self, state: DecodeState, x_before: torch.Tensor,
                 influence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

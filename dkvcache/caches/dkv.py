@@ -25,9 +25,8 @@ from __future__ import annotations
 import torch
 
 from dkvcache import rng
-from dkvcache.caches.base import CacheStrategy, StepPlan, register_strategy
+from dkvcache.caches.base import CacheStrategy, StepOutcome, StepPlan, register_strategy
 from dkvcache.indexing import ragged_indices
-from dkvcache.sampling import llada_quota
 from dkvcache.state import DecodeState
 
 SHIFT_TYPES = ("un", "un_right", "right")
@@ -105,7 +104,7 @@ class _ShiftRuleCache(CacheStrategy):
         self.cache = _initial_cacheable(~state.masked(), self.shift_type)
         self.cached_now = None
 
-    def after_step(self, state: DecodeState, x_before: torch.Tensor) -> None:
+    def after_step(self, state: DecodeState, outcome: StepOutcome) -> None:
         self.cached_now = self.cache
         self.cache = cacheable(~state.masked(), self.shift_type)
 
@@ -252,8 +251,6 @@ class GreedyCache(CacheStrategy):
             priority[:, start:end] = rng.hash_uniform(state.row_seeds[:, None], rng.STREAM_ORDER,
                                                       state.block_index, offsets[None, :])
         self.priority = priority
-        masked = state.masked()[:, start:end].sum(1)
-        self.quota = llada_quota(masked, state.steps_in_block)
         self.active = None
 
     def confidence(self, state: DecodeState, cand_pos: torch.Tensor) -> torch.Tensor | None:
@@ -265,19 +262,19 @@ class GreedyCache(CacheStrategy):
             return StepPlan(fed_idx=None, use_kv=True, refresh=True)
         return StepPlan(fed_idx=ragged_indices(self.active, pad_value=state.length)[0], use_kv=True)
 
-    def after_step(self, state: DecodeState, x_before: torch.Tensor) -> None:
+    def after_step(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Active set of the next step: its tokens, the tokens just decoded, and their masked neighbours."""
-        i = state.step_in_block
-        if i + 1 >= state.steps_in_block:
+        i, schedule = state.step_in_block, state.schedule
+        if i + 1 >= schedule.steps:
             self.active = None
             return
         mask_id = state.mask_id
-        masked_before = x_before == mask_id
+        masked_before = outcome.x_before == mask_id
         just_decoded = masked_before & (state.x != mask_id)
         still = state.masked()
         ranked = self.priority.masked_fill(~still, float("-inf"))
         order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
-        count = self.quota[:, i + 1]
+        count = schedule.quota[:, i + 1]
         width = int(count.max().item())
         upcoming = order[:, :width]
         upcoming_valid = torch.arange(width, device=order.device)[None, :] < count[:, None]

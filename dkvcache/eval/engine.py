@@ -8,49 +8,31 @@ end-of-turn token before decoding.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dkvcache.loading import DTYPES, load_model_and_tokenizer
+
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
 
 class GenerationRejected(ValueError):
     """diffusion_generate refused the configured keywords (before any compute)."""
 
 
-def resolve_model_path(path: str) -> str:
-    """A local directory (as given, or relative to the repository for the shipped tiny checkpoints) or a Hub id."""
-    if os.path.isdir(path):
-        return path
-    in_repo = os.path.join(REPO_ROOT, path)
-    if not os.path.isabs(path) and os.path.isdir(in_repo):
-        return in_repo
-    return path
-
-
 def load_model(path: str, dtype: str = "bfloat16", device: str | torch.device = "cpu") -> tuple[Any, Any]:
-    """(model, tokenizer) through the Auto classes our ``models`` package registers (no remote code)."""
-    from transformers import AutoModel, AutoTokenizer
-
-    import models  # noqa: F401  (registers Dream and LLaDA with the Auto classes)
-
+    """(model, tokenizer) of ``model.path`` through :mod:`dkvcache.loading` (no remote code)."""
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r} is invalid; allowed: {sorted(DTYPES)}")
-    local = resolve_model_path(path)
     try:
-        model = AutoModel.from_pretrained(local, dtype=DTYPES[dtype]).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(local)
+        return load_model_and_tokenizer(path, DTYPES[dtype], device)
     except OSError as err:
         raise OSError(f"could not load model.path={path!r}: {err}\nOffline? Download the checkpoint elsewhere and pass "
                       "model.path=/local/dir (Hub layout: config.json, safetensors, tokenizer files).") from err
-    if not hasattr(model, "diffusion_generate"):
-        raise TypeError(f"model.path={path!r} loaded {type(model).__name__}, not a Dream/LLaDA diffusion model")
-    return model, tokenizer
+    except TypeError as err:
+        raise TypeError(f"model.path={path!r}: {err}") from err
 
 
 @dataclass

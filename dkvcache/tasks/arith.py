@@ -39,6 +39,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dkvcache.cli_values import parse_value
 from dkvcache.tasks import arith_tables
 
 MIN_TERMS = 4
@@ -277,28 +278,9 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int =
 
 
 # -- CLI -------------------------------------------------------------------------------------------------------
-def parse_value(text: str) -> Any:
-    """``"3"`` → 3, ``"0.9"`` → 0.9, ``"true"`` → True, ``"none"`` → None, ``"[1,2]"`` → [1, 2], else the text."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    if text.strip()[:1] in "[{":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            pass
-    return text
-
-
 def parse_overrides(args: Sequence[str]) -> dict:
-    """``key=value``, ``--key value``, ``--key=value`` and bare ``--flag`` (True) → kwargs (dashes → underscores)."""
+    """``key=value``, ``--key value``, ``--key=value`` and bare ``--flag`` (True) → kwargs (dashes → underscores);
+    values through :func:`dkvcache.cli_values.parse_value`."""
     out: dict = {}
     i = 0
     while i < len(args):
@@ -323,15 +305,10 @@ def parse_overrides(args: Sequence[str]) -> dict:
 
 
 def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+    """(model, tokenizer) of a checkpoint directory or Hub id (see :mod:`dkvcache.loading`)."""
+    from dkvcache.loading import load_model_and_tokenizer
 
-    import models  # noqa: F401  (registers Dream/LLaDA with the Auto classes)
-
-    torch_dtype = getattr(torch, dtype)
-    model = AutoModel.from_pretrained(path, dtype=torch_dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    return load_model_and_tokenizer(path, dtype, device)
 
 
 def _fmt(result: dict) -> str:
