@@ -30,6 +30,7 @@ import dkvcache
 from dkvcache import caches
 from dkvcache.cli_values import parse_value
 from dkvcache.loading import load_model
+from dkvcache.resolve import resolve
 
 BASE_DEFAULTS: dict[str, Any] = {
     "model_kind": "dream", "vocab": 4096, "hidden": 256, "layers": 2, "heads": 4, "kv_heads": 2,
@@ -174,12 +175,7 @@ def is_no_cache(kwargs: dict[str, Any]) -> bool:
 
 def check_setting(model: Any, prompt_len: int, kwargs: dict[str, Any]) -> None:
     """Resolve and validate a setting's arguments as ``diffusion_generate`` does first, without any compute."""
-    from dkvcache.options import resolve_options
-
-    family = model.diffusion_family
-    opts = resolve_options(family, model.config, prompt_len, None, dict(kwargs), caches.available_strategies(),
-                           caches.default_block_lengths())
-    caches.get_strategy(opts.cache_type).check(opts.cache_options, family, opts)
+    resolve(model, prompt_len, **kwargs)
 
 
 def run_setting(model: Any, prompts: torch.Tensor, kwargs: dict[str, Any], repeats: int) -> dict[str, Any]:

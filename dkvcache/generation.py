@@ -20,7 +20,8 @@ from dkvcache.caches.base import StepOutcome
 from dkvcache.decoders import Decoder, StepView, make_decoder
 from dkvcache.density import certainty_prior
 from dkvcache.indexing import ragged_indices, scatter_rows, slots_of
-from dkvcache.options import GenerationOptions, resolve_options
+from dkvcache.options import GenerationOptions
+from dkvcache.resolve import resolve
 from dkvcache.rng import resolve_row_seeds
 from dkvcache.sampling import FAMILIES, propose_tokens
 from dkvcache.schedule import BlockSchedule
@@ -109,14 +110,8 @@ def generate(model: Any, inputs: torch.Tensor | None, generation_config: Any = N
     attention_mask = kwargs.pop("attention_mask", None)
     _check_inputs(inputs, attention_mask)
     family = FAMILIES[model.diffusion_family]
-    opts = resolve_options(family.name, model.config, inputs.shape[1], generation_config, kwargs,
-                           caches.available_strategies(), caches.default_block_lengths())
-    strategy_cls = caches.get_strategy(opts.cache_type)
-    strategy_cls.check(opts.cache_options, family.name, opts)
-    if opts.cfg_scale > 0 and opts.cache_type != "none":
-        raise ValueError(f"diffusion_generate: cfg_scale > 0 is not supported with cache_type={opts.cache_type!r}; "
-                         "use cfg_scale=0 or use_cache=False")
-    strategy = strategy_cls(**opts.cache_options)
+    opts = resolve(model, inputs.shape[1], generation_config, **kwargs)
+    strategy = caches.get_strategy(opts.cache_type)(**opts.cache_options)
     decoder = make_decoder(opts, family, model)
     state = _build_state(model, family, opts, inputs, attention_mask)
     return _denoise(state, strategy, decoder)

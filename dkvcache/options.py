@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from dkvcache.decoders import DECODING_KNOBS, check_decoding
 from dkvcache.sampling import ALGS, FACTOR_RULES, REMASKING_ALIASES
+from dkvcache.validate import check_bool, check_int, check_number, fail
 
 
 @dataclass
@@ -75,7 +75,6 @@ class GenerationOptions:
     cache_type: str = "none"
     dual_cache: bool | None = None
     cache_options: dict = field(default_factory=dict)
-    attention_mask: torch.Tensor | None = None
     generation_tokens_hook_func: Callable | None = None
     generation_logits_hook_func: Callable | None = None
     decoding: str = "vanilla"
@@ -121,34 +120,6 @@ _ALIASES = {"gen_length": "max_new_tokens", "remasking": "alg", "enable_cache": 
             "cache_reloading_step": "cache_steps"}
 
 
-def _fail(name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"diffusion_generate: {name}={value!r} is invalid; allowed: {allowed}")
-
-
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"diffusion_generate: {name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise _fail(name, value, f"an int >= {minimum}")
-
-
-def _check_number(name: str, value: Any, low: float, high: float, allow_none: bool = False,
-                  low_open: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"diffusion_generate: {name} must be a number, got {type(value).__name__} {value!r}")
-    if not (low < value if low_open else low <= value) or value > high:
-        raise _fail(name, value, f"a number in {'(' if low_open else '['}{low}, {high}]")
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"diffusion_generate: {name} must be True or False, got {value!r}")
-
-
 def _config_values(generation_config: Any) -> dict:
     if generation_config is None:
         return {}
@@ -164,11 +135,16 @@ def _config_values(generation_config: Any) -> dict:
 
 def resolve_options(family: str, config: Any, prompt_length: int, generation_config: Any,
                     kwargs: dict, strategy_options: dict[str, set[str]],
-                    block_defaults: dict[str, int] | None = None) -> GenerationOptions:
-    """Merge family defaults, ``generation_config`` and kwargs; validate everything; raise on any bad argument.
+                    block_defaults: dict[str, int] | None = None,
+                    decoding_knobs: dict[str, dict[str, Any]] | None = None,
+                    switches: dict[str, dict[bool, str]] | None = None) -> GenerationOptions:
+    """Merge family defaults, ``generation_config`` and kwargs; validate the generic options; raise on any bad one.
 
     strategy_options: for every registered cache strategy, the option names it accepts.
     block_defaults: strategies that are block-wise by nature and the block_length they use when none is given.
+    decoding_knobs: every registered decoding with its own knobs and their defaults.
+    switches: boolean aliases that pick a strategy (Fast-dLLM's ``dual_cache``: True → "dual", False → "prefix").
+    Strategy- and decoder-specific rules are their owners' ``check`` (see :func:`dkvcache.resolve.resolve`).
     """
     merged = dict(_config_values(generation_config))
     merged.update(kwargs)
@@ -181,7 +157,7 @@ def resolve_options(family: str, config: Any, prompt_length: int, generation_con
             value = merged.pop(alias)
             if alias == "remasking":
                 if value not in REMASKING_ALIASES:
-                    raise _fail("remasking", value, repr(sorted(REMASKING_ALIASES)))
+                    raise fail("remasking", value, repr(sorted(REMASKING_ALIASES)))
                 value = REMASKING_ALIASES[value]
             if name in kwargs and kwargs[name] is not None and kwargs[name] != value:
                 raise ValueError(f"diffusion_generate: {alias}={value!r} conflicts with {name}={kwargs[name]!r}")
@@ -198,9 +174,9 @@ def resolve_options(family: str, config: Any, prompt_length: int, generation_con
     defaults = _FAMILY_DEFAULTS[family]
     if merged.get("max_new_tokens") is None:
         if max_length is not None:
-            _check_int("max_length", max_length, 1)
+            check_int("max_length", max_length, 1)
             if max_length <= prompt_length:
-                raise _fail("max_length", max_length, f"more than the prompt length {prompt_length}")
+                raise fail("max_length", max_length, f"more than the prompt length {prompt_length}")
             opts.max_new_tokens = max_length - prompt_length
         else:
             opts.max_new_tokens = defaults["max_new_tokens"]
@@ -214,45 +190,46 @@ def resolve_options(family: str, config: Any, prompt_length: int, generation_con
             setattr(opts, name, getattr(config, name, None))
     if opts.eot_token_id is None and family == "llada" and config.vocab_size > 126348:
         opts.eot_token_id = 126348  # LLaDA-8B's <|eot_id|>
-    _validate_cache(opts, strategy_options)
+    _validate_cache(opts, strategy_options, switches or {})
     if opts.block_length is None and (block_defaults or {}).get(opts.cache_type):
         opts.block_length = min(block_defaults[opts.cache_type], opts.max_new_tokens)
     _validate(opts)
+    _validate_decoding(opts, decoding_knobs or {"vanilla": {}})
     return opts
 
 
 def _validate(opts: GenerationOptions) -> None:
-    _check_int("max_new_tokens", opts.max_new_tokens, 1)
-    _check_int("steps", opts.steps, 1)
-    _check_number("eps", opts.eps, 0.0, 1.0, low_open=True)
-    _check_int("block_length", opts.block_length, 1, allow_none=True)
+    check_int("max_new_tokens", opts.max_new_tokens, 1)
+    check_int("steps", opts.steps, 1)
+    check_number("eps", opts.eps, 0.0, 1.0, low_open=True)
+    check_int("block_length", opts.block_length, 1, allow_none=True)
     if opts.alg not in ALGS:
-        raise _fail("alg", opts.alg, repr(list(ALGS)) + " (or remasking in ['low_confidence', 'random'])")
-    _check_number("temperature", opts.temperature, 0.0, float("inf"))
-    _check_number("top_p", opts.top_p, 0.0, 1.0, allow_none=True, low_open=True)
-    _check_int("top_k", opts.top_k, 1, allow_none=True)
-    _check_number("alg_temp", opts.alg_temp, 0.0, float("inf"), allow_none=True)
-    _check_number("cfg_scale", opts.cfg_scale, 0.0, float("inf"))
-    _check_number("threshold", opts.threshold, float("-inf"), float("inf"), allow_none=True)
-    _check_number("factor", opts.factor, 0.0, float("inf"), allow_none=True, low_open=True)
+        raise fail("alg", opts.alg, repr(list(ALGS)) + " (or remasking in ['low_confidence', 'random'])")
+    check_number("temperature", opts.temperature, 0.0, float("inf"))
+    check_number("top_p", opts.top_p, 0.0, 1.0, allow_none=True, low_open=True)
+    check_int("top_k", opts.top_k, 1, allow_none=True)
+    check_number("alg_temp", opts.alg_temp, 0.0, float("inf"), allow_none=True)
+    check_number("cfg_scale", opts.cfg_scale, 0.0, float("inf"))
+    check_number("threshold", opts.threshold, float("-inf"), float("inf"), allow_none=True)
+    check_number("factor", opts.factor, 0.0, float("inf"), allow_none=True, low_open=True)
     if (opts.threshold is not None or opts.factor is not None) and opts.alg in ("origin", "entropy"):
         raise ValueError(f"diffusion_generate: threshold/factor compare confidences with probabilities, so they "
                          f"need alg in ['maskgit_plus', 'topk_margin', 'random'], got alg={opts.alg!r}")
-    _check_number("sigma", opts.sigma, 0.0, float("inf"), allow_none=True)
+    check_number("sigma", opts.sigma, 0.0, float("inf"), allow_none=True)
     if opts.sigma and opts.alg in ("origin", "entropy"):
         raise ValueError(f"diffusion_generate: sigma (certainty prior) multiplies non-negative confidences; use "
                          f"alg in ['maskgit_plus', 'topk_margin', 'random'], got alg={opts.alg!r}")
     if opts.threshold is not None and opts.factor is not None:
         raise ValueError("diffusion_generate: pass threshold or factor, not both")
     if opts.factor_rule not in FACTOR_RULES:
-        raise _fail("factor_rule", opts.factor_rule, repr(list(FACTOR_RULES)))
-    _check_int("num_return_sequences", opts.num_return_sequences, 1)
+        raise fail("factor_rule", opts.factor_rule, repr(list(FACTOR_RULES)))
+    check_int("num_return_sequences", opts.num_return_sequences, 1)
     for name in ("logits_eos_inf", "confidence_eos_eot_inf", "output_history", "return_dict_in_generate",
                  "eos_early_stop", "full_logits", "use_cache", "schedule_floor"):
-        _check_bool(name, getattr(opts, name))
+        check_bool(name, getattr(opts, name))
     if opts.mask_token_id is None:
         raise ValueError("diffusion_generate: mask_token_id is unknown; set it in the model config or pass it")
-    _check_int("mask_token_id", opts.mask_token_id, 0)
+    check_int("mask_token_id", opts.mask_token_id, 0)
     if opts.pad_token_id is not None and opts.pad_token_id == opts.mask_token_id:
         raise ValueError("diffusion_generate: pad_token_id equals mask_token_id; pads would be regenerated")
     if (opts.logits_eos_inf or opts.confidence_eos_eot_inf) and opts.eos_token_id is None:
@@ -261,10 +238,10 @@ def _validate(opts: GenerationOptions) -> None:
         raise ValueError("diffusion_generate: eos_early_stop needs eos_token_id")
     if opts.block_length is not None:
         if opts.max_new_tokens % opts.block_length:
-            raise _fail("block_length", opts.block_length, f"a divisor of max_new_tokens={opts.max_new_tokens}")
+            raise fail("block_length", opts.block_length, f"a divisor of max_new_tokens={opts.max_new_tokens}")
         blocks = opts.max_new_tokens // opts.block_length
         if opts.steps % blocks:
-            raise _fail("steps", opts.steps, f"a multiple of the number of blocks ({blocks})")
+            raise fail("steps", opts.steps, f"a multiple of the number of blocks ({blocks})")
     for name in ("generation_tokens_hook_func", "generation_logits_hook_func"):
         hook = getattr(opts, name)
         if hook is not None and not callable(hook):
@@ -273,15 +250,15 @@ def _validate(opts: GenerationOptions) -> None:
         raise TypeError(f"diffusion_generate: generator must be a torch.Generator, got {type(opts.generator).__name__}")
     if opts.seed is not None and not isinstance(opts.seed, (int, list, tuple)):
         raise TypeError(f"diffusion_generate: seed must be an int or a list of ints, got {opts.seed!r}")
-    _validate_decoding(opts)
 
 
-def _validate_decoding(opts: GenerationOptions) -> None:
-    """``decoding`` and its knobs: reject foreign knobs, fill the decoding's defaults, check ranges."""
-    if opts.decoding not in DECODING_KNOBS:
-        raise _fail("decoding", opts.decoding, repr(list(DECODING_KNOBS)))
-    own = DECODING_KNOBS[opts.decoding]
-    for owner, knobs in DECODING_KNOBS.items():
+def _validate_decoding(opts: GenerationOptions, knobs_by_decoding: dict[str, dict[str, Any]]) -> None:
+    """``decoding`` and its knobs: reject foreign knobs and fill the decoding's defaults (the decoder's own
+    ``check`` validates their ranges)."""
+    if opts.decoding not in knobs_by_decoding:
+        raise fail("decoding", opts.decoding, repr(list(knobs_by_decoding)))
+    own = knobs_by_decoding[opts.decoding]
+    for owner, knobs in knobs_by_decoding.items():
         for knob in knobs:
             if knob not in own and getattr(opts, knob) is not None:
                 raise ValueError(f"diffusion_generate: {knob} is an option of decoding={owner!r}, not of "
@@ -289,24 +266,20 @@ def _validate_decoding(opts: GenerationOptions) -> None:
     for knob, default in own.items():
         if getattr(opts, knob) is None:
             setattr(opts, knob, default)
-    _check_number("clip_alpha", opts.clip_alpha, 0.0, float("inf"), allow_none=True, low_open=True)
-    _check_number("kl_threshold", opts.kl_threshold, 0.0, float("inf"), allow_none=True)
-    _check_int("kl_history_length", opts.kl_history_length, 1, allow_none=True)
-    _check_number("gamma", opts.gamma, 0.0, float("inf"), allow_none=True)
-    _check_number("wide_in_thres", opts.wide_in_thres, 0.0, 1.0, allow_none=True)
-    _check_number("narrow_out_thres", opts.narrow_out_thres, 0.0, 1.0, allow_none=True)
-    check_decoding(opts)
 
 
-def _validate_cache(opts: GenerationOptions, strategy_options: dict[str, set[str]]) -> None:
-    _check_bool("use_cache", opts.use_cache)
-    if opts.dual_cache is not None:
-        _check_bool("dual_cache", opts.dual_cache)
-        if opts.use_cache:  # Fast-dLLM's switch: dual_cache=True → "dual", False → "prefix"
-            wanted = "dual" if opts.dual_cache else "prefix"
+def _validate_cache(opts: GenerationOptions, strategy_options: dict[str, set[str]],
+                    switches: dict[str, dict[bool, str]]) -> None:
+    check_bool("use_cache", opts.use_cache)
+    for switch, choice in switches.items():  # e.g. Fast-dLLM's dual_cache=True/False
+        value = getattr(opts, switch, None)
+        if value is None:
+            continue
+        check_bool(switch, value)
+        if opts.use_cache:
+            wanted = choice[value]
             if opts.cache_type not in ("none", None, wanted):
-                raise ValueError(f"diffusion_generate: dual_cache={opts.dual_cache} conflicts with "
-                                 f"cache_type={opts.cache_type!r}")
+                raise ValueError(f"diffusion_generate: {switch}={value} conflicts with cache_type={opts.cache_type!r}")
             opts.cache_type = wanted
     if not opts.use_cache:
         if opts.cache_type not in ("none", None):
@@ -318,7 +291,7 @@ def _validate_cache(opts: GenerationOptions, strategy_options: dict[str, set[str
             raise ValueError("diffusion_generate: use_cache=True but no cache strategy is registered yet")
         opts.cache_type = cached[0] if "decoded" not in cached else "decoded"
     if opts.cache_type not in strategy_options:
-        raise _fail("cache_type", opts.cache_type, repr(sorted(strategy_options)))
+        raise fail("cache_type", opts.cache_type, repr(sorted(strategy_options)))
     accepted = strategy_options[opts.cache_type]
     stray = sorted(set(opts.cache_options) - accepted)
     if stray:

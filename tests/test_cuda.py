@@ -19,7 +19,7 @@ def test_bf16_cuda_padded_batch_is_finite_and_close_to_single_runs(builder, cach
     model = builder(layers=2).to("cuda", torch.bfloat16)
     ids, mask = left_pad(PROMPTS)
     common = dict(max_new_tokens=8, steps=8, block_length=4, return_dict_in_generate=True, **cache)
-    if hasattr(model, "lm_head"):
+    if model.diffusion_family == "dream":
         common["alg"] = "maskgit_plus"
     with torch.no_grad():
         logits = model(ids.cuda(), attention_mask=mask.cuda()).logits

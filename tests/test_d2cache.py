@@ -298,9 +298,9 @@ def test_d2_with_certainty_prior_decoding(dream):
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(current_k=0), ValueError, "current_k"),
-    (dict(current_k=2.5), ValueError, "current_k"),
+    (dict(current_k=2.5), TypeError, "current_k"),  # a wrong type is a TypeError everywhere (as steps=2.5)
     (dict(d2_sigma=0), ValueError, "d2_sigma"),
-    (dict(d2_sigma="x"), ValueError, "d2_sigma"),
+    (dict(d2_sigma="x"), TypeError, "d2_sigma"),
     (dict(rollout_p=1.5), ValueError, "rollout_p"),
     (dict(inflate_w=-1), ValueError, "inflate_w"),
     (dict(d2_frozen_confidence=1), TypeError, "d2_frozen_confidence"),

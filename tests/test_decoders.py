@@ -13,7 +13,7 @@ import torch
 from dkvcache import caches
 from dkvcache.decoders import Wino, build_unigram_table, load_unigram_table
 from dkvcache.generation import _build_state
-from dkvcache.options import resolve_options
+from dkvcache.resolve import resolve
 from dkvcache.sampling import FAMILIES, entropy_bound_count
 from tests.conftest import MASK, VOCAB, left_pad, random_prompts, tiny_dream, tiny_llada
 
@@ -42,12 +42,6 @@ def _rows_equal_single_runs(model, cache="none", **kwargs):
     for i, prompt in enumerate(PROMPTS):
         single = _gen(model, prompt[None], None, cache, seed=100 + i, **kwargs)
         assert (single.sequences != MASK).all()
-        if cache in ("dllm", "pd") or (cache == "decoded" and model.diffusion_family == "dream"):
-            # These caches refresh on a schedule counted over the whole call (dLLM-Cache's forwards, dKV-Cache's
-            # global step): a row that finishes a block early under a parallel rule takes fewer
-            # steps alone than in a batch, so its refreshes fall elsewhere. Equality is not expected there
-            # (the same holds for decoding="vanilla" with a threshold); only completion is checked.
-            continue
         assert torch.equal(batch.sequences[i, width:], single.sequences[0, len(prompt):]), (i, cache, kwargs)
     return batch
 
@@ -227,8 +221,7 @@ def test_wino_shadow_is_leave_one_out(family):
     never see the shadow (their hidden states equal a plain forward)."""
     model = (tiny_dream if family == "dream" else tiny_llada)(layers=1, seed=7)
     ids, mask = left_pad(PROMPTS)
-    opts = resolve_options(family, model.config, ids.shape[1], None, dict(max_new_tokens=8, decoding="wino"),
-                           caches.available_strategies())
+    opts = resolve(model, ids.shape[1], max_new_tokens=8, decoding="wino")
     state = _build_state(model, FAMILIES[family], opts, ids, mask)
     start = state.prompt_length
     state.block_start, state.block_end = start, start + 8
@@ -300,7 +293,7 @@ def test_greedy_cache_is_rejected_with_other_decodings(llada):
 def test_defaults_and_stats(dream):
     out = _gen(dream, PROMPTS[0][None], decoding="klass")
     assert out.stats["decoding"] == "klass"
-    opts = resolve_options("dream", dream.config, 3, None, dict(decoding="wino"), caches.available_strategies())
+    opts = resolve(dream, 3, decoding="wino")
     assert (opts.alg, opts.wide_in_thres, opts.narrow_out_thres, opts.gamma) == ("maskgit_plus", 0.7, 0.9, None)
-    opts = resolve_options("dream", dream.config, 3, None, {}, caches.available_strategies())
+    opts = resolve(dream, 3)
     assert (opts.decoding, opts.alg, opts.kl_threshold) == ("vanilla", "origin", None)

@@ -181,7 +181,7 @@ def test_across_blocks_reuses_more(llada):
 
 BAD = [
     (dict(cache_type="decoded", cache_steps=0), ValueError, "cache_steps"),
-    (dict(cache_type="decoded", cache_steps=1.5), ValueError, "cache_steps"),
+    (dict(cache_type="decoded", cache_steps=1.5), TypeError, "cache_steps"),  # wrong type: TypeError everywhere
     (dict(cache_type="decoded", shift_type="left"), ValueError, "shift_type"),
     (dict(cache_type="decoded", shift_type="right"), ValueError, "right"),
     (dict(cache_type="bogus"), ValueError, "cache_type"),

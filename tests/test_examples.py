@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,14 +63,24 @@ def test_dream_generate_with_tokenizer_prompts_and_compare(tmp_path: Path) -> No
     assert "cache decoded" in out and "speed-up of cache decoded vs no cache" in out and "peak memory" in out
 
 
-@pytest.mark.parametrize("flags", [["--dual", "--threshold", "0.5", "--block-size", "4"],
-                                   ["--greedy", "--sampling-alg", "random", "--window-size", "2"],
-                                   ["--decode", "--cache-steps", "2"], ["--origin"]])
-def test_llada_generate_modes(tmp_path: Path, flags: list[str]) -> None:
+@pytest.mark.parametrize("flags, label", [
+    (["--dual", "--threshold", "0.5", "--block-size", "4"], "cache dual + threshold 0.5"),
+    (["--greedy", "--sampling-alg", "random", "--window-size", "2"], "cache greedy"),
+    (["--decode", "--cache-steps", "2"], "cache decoded"),
+    (["--origin"], "no cache"),
+])
+def test_llada_generate_modes(tmp_path: Path, flags: list[str], label: str) -> None:
     tiny_llada().float().save_pretrained(tmp_path / "tiny-llada")
     out = _script("llada_generate.py", "--model", str(tmp_path / "tiny-llada"), "--seq-len", "8",
                   "--dataset", "random", "--num-prompts", "3", "--batch-size", "2", *flags, cwd=tmp_path).stdout
-    assert "tokens per forward" in out and ("cache" in out or "no cache" in out)
+    # the report line of the chosen setting: at most 3 prompts × 8 tokens counted (up to EOS, which a random model
+    # may write anywhere), and a fed fraction that shows whether the cache skipped work
+    line = re.search(rf"^{re.escape(label)}: (\d+) response tokens \(up to EOS\) in [0-9.]+ s = [0-9.]+ tokens/s, "
+                     r"([0-9.]+) tokens per forward, fed fraction ([0-9.]+)$", out, re.MULTILINE)
+    assert line is not None, out
+    tokens, per_forward, fed = int(line[1]), float(line[2]), float(line[3])
+    assert 0 <= tokens <= 3 * 8 and 0 <= per_forward <= 8
+    assert (fed == 1.0) if label == "no cache" else (0 < fed < 1.0)
 
 
 def test_bench_matrix_writes_json_and_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ PROMPTS = [random_prompts(1, 8, seed=31)[0], random_prompts(1, 3, seed=32)[0], r
 
 def _gen(model, ids, mask=None, **kwargs):
     """Same call for both families: Dream gets alg=maskgit_plus (a probability confidence) unless given."""
-    if hasattr(model, "lm_head"):
+    if model.diffusion_family == "dream":
         kwargs.setdefault("alg", "maskgit_plus")
     kwargs.setdefault("max_new_tokens", 12)
     kwargs.setdefault("steps", kwargs["max_new_tokens"])

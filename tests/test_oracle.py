@@ -89,8 +89,8 @@ def test_padded_forward_matches_oracle_with_padding_mask():
     rows = [random_prompts(1, 10, seed=5)[0], random_prompts(1, 6, seed=6)[0]]
     ids, mask = left_pad(rows)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    for model, oracle in ((tiny_dream(seed=3), None), (tiny_llada(seed=4), None)):
-        oracle = _qwen2_from_dream(model) if oracle is None and hasattr(model, "lm_head") else _llama_from_llada(model)
+    for model in (tiny_dream(seed=3), tiny_llada(seed=4)):
+        oracle = _qwen2_from_dream(model) if model.diffusion_family == "dream" else _llama_from_llada(model)
         with torch.no_grad():
             ours = model(ids, attention_mask=mask).logits
             ref = oracle(ids, attention_mask=mask, position_ids=positions).logits

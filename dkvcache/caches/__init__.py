@@ -13,7 +13,8 @@ from dkvcache.caches.base import (
     default_block_lengths,
     get_strategy,
     register_strategy,
+    switches,
 )
 
 __all__ = ["CacheStrategy", "StepPlan", "available_strategies", "default_block_lengths", "get_strategy",
-           "register_strategy"]
+           "register_strategy", "switches"]

@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from dkvcache.partial_forward import LayerHook
+
 if TYPE_CHECKING:
+    from dkvcache.options import GenerationOptions
     from dkvcache.state import DecodeState
 
 
@@ -58,12 +61,14 @@ class CacheStrategy:
     option_names: ClassVar[frozenset[str]] = frozenset()
     default_block_length: ClassVar[int | None] = None  # block-wise strategies: used when none is given
     wants_attention: ClassVar[bool] = False  # ask the forward for attention probabilities of the fed queries
+    supports_cfg: ClassVar[bool] = False  # classifier-free guidance doubles the batch: only no cache handles it
+    switch: ClassVar[tuple[str, bool] | None] = None  # a boolean alias selecting this strategy: (option, value)
 
     def __init__(self, **options) -> None:
         """Options are the names in ``option_names``, already validated by :meth:`check`."""
 
     @classmethod
-    def check(cls, options: dict, family: str, opts) -> None:
+    def check(cls, options: dict, family: str, opts: GenerationOptions) -> None:
         """Validate this strategy's options (raise ValueError/TypeError) before any compute."""
 
     def begin(self, state: DecodeState) -> None:
@@ -83,7 +88,7 @@ class CacheStrategy:
         """Optional (B, m) scores replacing the sampler's confidences (greedy: its pre-drawn order)."""
         return None
 
-    def layer_hook(self):
+    def layer_hook(self) -> LayerHook | None:
         """An optional per-layer override for the next forward (None = the standard block)."""
         return None
 
@@ -96,12 +101,16 @@ _REGISTRY: dict[str, type[CacheStrategy]] = {}
 
 
 def register_strategy(cls: type[CacheStrategy]) -> type[CacheStrategy]:
-    """Class decorator: make a strategy available as ``cache_type=cls.name``."""
+    """Class decorator: make a strategy available as ``cache_type=cls.name`` (names are unique)."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"register_strategy: cache_type={cls.name!r} is already registered by "
+                         f"{_REGISTRY[cls.name].__qualname__}")
     _REGISTRY[cls.name] = cls
     return cls
 
 
 def get_strategy(name: str) -> type[CacheStrategy]:
+    """The strategy class registered as ``name`` (ValueError naming the allowed ones otherwise)."""
     if name not in _REGISTRY:
         raise ValueError(f"cache_type={name!r} is unknown; allowed: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
@@ -117,4 +126,20 @@ def default_block_lengths() -> dict[str, int]:
     return {name: cls.default_block_length for name, cls in _REGISTRY.items() if cls.default_block_length}
 
 
-register_strategy(CacheStrategy)
+def switches() -> dict[str, dict[bool, str]]:
+    """Boolean aliases that select a strategy, e.g. ``{"dual_cache": {True: "dual", False: "prefix"}}``."""
+    out: dict[str, dict[bool, str]] = {}
+    for name, cls in _REGISTRY.items():
+        if cls.switch is not None:
+            option, value = cls.switch
+            out.setdefault(option, {})[value] = name
+    return out
+
+
+class NoCache(CacheStrategy):
+    """``cache_type="none"``: every position fed every step."""
+
+    supports_cfg = True
+
+
+register_strategy(NoCache)

@@ -44,6 +44,7 @@ from dkvcache.density import certainty_density
 from dkvcache.indexing import ragged_indices, slots_of
 from dkvcache.partial_forward import ForwardContext, compute_dtype, layer_forward
 from dkvcache.state import DecodeState
+from dkvcache.validate import check_bool, check_int, check_number
 
 
 def _ranks(key: torch.Tensor) -> torch.Tensor:
@@ -137,12 +138,6 @@ def inflate(selected: torch.Tensor, width: int) -> torch.Tensor:
     return selected | ((prev >= 0) & (nxt < length) & (nxt - prev <= width))
 
 
-def _check_number(name: str, value, low: float, high: float, allowed: str, integer: bool = False) -> None:
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or not low <= value <= high:
-        raise ValueError(f"diffusion_generate: {name}={value!r} is invalid for cache_type='d2'; allowed: {allowed}")
-
-
 @register_strategy
 class D2Cache(CacheStrategy):
     """d2Cache: feed Stage-1 (certainty prior) ∪ just-decoded ∪ Stage-2 (rollout nucleus) positions each step.
@@ -170,17 +165,11 @@ class D2Cache(CacheStrategy):
     @classmethod
     def check(cls, options: dict, family: str, opts) -> None:
         options = {**cls.defaults, **{k: v for k, v in options.items() if v is not None}}
-        _check_number("current_k", options["current_k"], 1, float("inf"), "an int >= 1", integer=True)
-        sigma = options["d2_sigma"]
-        _check_number("d2_sigma", sigma, 0.0, float("inf"), "a number > 0")
-        if sigma == 0:
-            raise ValueError("diffusion_generate: d2_sigma=0 is invalid for cache_type='d2'; allowed: a number > 0")
-        _check_number("rollout_p", options["rollout_p"], 0.0, 1.0, "a number in [0, 1]")
-        if options.get("inflate_w") is not None:
-            _check_number("inflate_w", options["inflate_w"], 0, float("inf"), "None or an int >= 0", integer=True)
-        frozen = options["d2_frozen_confidence"]
-        if not isinstance(frozen, bool):
-            raise TypeError(f"diffusion_generate: d2_frozen_confidence must be True or False, got {frozen!r}")
+        check_int("current_k", options["current_k"], 1)
+        check_number("d2_sigma", options["d2_sigma"], 0.0, float("inf"), low_open=True)
+        check_number("rollout_p", options["rollout_p"], 0.0, 1.0)
+        check_int("inflate_w", options.get("inflate_w"), 0, allow_none=True)
+        check_bool("d2_frozen_confidence", options["d2_frozen_confidence"])
         if opts.alg == "origin":
             raise ValueError("diffusion_generate: cache_type='d2' needs confidence-ranked decoding; alg='origin' "
                              "may decode any masked position, so every one would have to be recomputed each step. "

@@ -28,14 +28,9 @@ from dkvcache import rng
 from dkvcache.caches.base import CacheStrategy, StepOutcome, StepPlan, register_strategy
 from dkvcache.indexing import ragged_indices
 from dkvcache.state import DecodeState
+from dkvcache.validate import check_bool, check_choice, check_int
 
 SHIFT_TYPES = ("un", "un_right", "right")
-
-
-def _positive_int(name: str, value, cache_type: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"diffusion_generate: {name}={value!r} is invalid for cache_type={cache_type!r}; "
-                         "allowed: an int >= 1 (1 = refresh every step, i.e. no reuse)")
 
 
 def cacheable(decoded: torch.Tensor, shift_type: str) -> torch.Tensor:
@@ -83,11 +78,10 @@ class _ShiftRuleCache(CacheStrategy):
 
     @classmethod
     def check(cls, options: dict, family: str, opts) -> None:
-        if options.get("cache_steps") is not None:
-            _positive_int("cache_steps", options["cache_steps"], cls.name)
+        check_int("cache_steps", options.get("cache_steps"), 1, allow_none=True)
         shift = options.get("shift_type")
-        if shift is not None and shift not in SHIFT_TYPES:
-            raise ValueError(f"diffusion_generate: shift_type={shift!r} is invalid; allowed: {list(SHIFT_TYPES)}")
+        if shift is not None:
+            check_choice("shift_type", shift, SHIFT_TYPES)
         if family == "dream" and shift == "right":
             raise ValueError(
                 "diffusion_generate: shift_type='right' is not valid for Dream: Dream reads token j+1's logits at "
@@ -127,9 +121,7 @@ class DecodedCache(_ShiftRuleCache):
     @classmethod
     def check(cls, options: dict, family: str, opts) -> None:
         super().check(options, family, opts)
-        across = options.get("cache_across_blocks", False)
-        if not isinstance(across, bool):
-            raise TypeError(f"diffusion_generate: cache_across_blocks must be True or False, got {across!r}")
+        check_bool("cache_across_blocks", options.get("cache_across_blocks", False))
 
     def begin(self, state: DecodeState) -> None:
         super().begin(state)
@@ -228,15 +220,16 @@ class GreedyCache(CacheStrategy):
         if opts.alg != "random":
             raise ValueError("diffusion_generate: cache_type='greedy' decodes in an order drawn in advance, so it "
                              f"needs remasking='random' (alg='random'), got alg={opts.alg!r}")
+        if opts.decoding != "vanilla":
+            raise ValueError(f"diffusion_generate: decoding={opts.decoding!r} chooses its own decoding order, but "
+                             "cache_type='greedy' feeds only the tokens of an order drawn in advance; use "
+                             "decoding='vanilla' with it")
         if opts.rule_decides:
             raise ValueError("diffusion_generate: cache_type='greedy' plans each step's active set from the step "
                              "schedule, which threshold/factor decoding does not use; drop threshold/factor or pass "
                              "schedule_floor=True")
-        if options.get("cache_steps") is not None:
-            _positive_int("cache_steps", options["cache_steps"], "greedy")
-        window = options.get("window_size", 0)
-        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-            raise ValueError(f"diffusion_generate: window_size={window!r} is invalid; allowed: an int >= 0")
+        check_int("cache_steps", options.get("cache_steps"), 1, allow_none=True)
+        check_int("window_size", options.get("window_size", 0), 0)
 
     def begin_block(self, state: DecodeState) -> None:
         """Draw (or take the injected) decoding order of this block as a per-position priority."""

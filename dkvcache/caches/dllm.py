@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from dkvcache.caches.base import CacheStrategy, StepPlan, register_strategy
-from dkvcache.caches.dkv import _positive_int
 from dkvcache.indexing import ragged_indices
 from dkvcache.partial_forward import ForwardContext, attention_sublayer, rows_context
 from dkvcache.state import DecodeState
+from dkvcache.validate import check_int, check_number
 
 # (kp, kr) per task for {family}-{base|inst}, from the d2Cache framework's gen_args (= the d2Cache paper's
 # Table 3 and the dLLM-Cache scripts).
@@ -83,11 +83,8 @@ class DLLMCache(CacheStrategy):
     @classmethod
     def check(cls, options: dict, family: str, opts) -> None:
         for name in ("kp", "kr"):
-            if options.get(name) is not None:
-                _positive_int(name, options[name], cls.name)
-        rou = options.get("rou", 0.25)
-        if isinstance(rou, bool) or not isinstance(rou, (int, float)) or not 0 <= rou <= 1:
-            raise ValueError(f"diffusion_generate: rou={rou!r} is invalid; allowed: a number in [0, 1]")
+            check_int(name, options.get(name), 1, allow_none=True)
+        check_number("rou", options.get("rou", 0.25), 0.0, 1.0)
         if options.get("dllm_preset") is not None:
             resolve_preset(options["dllm_preset"], family)
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from dkvcache.caches.base import CacheStrategy, StepPlan, register_strategy
-from dkvcache.caches.dkv import _positive_int
 from dkvcache.state import DecodeState
+from dkvcache.validate import check_int
 
 
 class _BlockCache(CacheStrategy):
@@ -32,8 +32,7 @@ class _BlockCache(CacheStrategy):
 
     @classmethod
     def check(cls, options: dict, family: str, opts) -> None:
-        if options.get("cache_steps") is not None:
-            _positive_int("cache_steps", options["cache_steps"], cls.name)
+        check_int("cache_steps", options.get("cache_steps"), 1, allow_none=True)
 
     def plan(self, state: DecodeState) -> StepPlan:
         i = state.step_in_block
@@ -53,6 +52,7 @@ class PrefixCache(_BlockCache):
     """Fast-dLLM PrefixCache: reuse the prefix's K/V within a block, recompute the block and the suffix."""
 
     name = "prefix"
+    switch = ("dual_cache", False)  # Fast-dLLM's Dream call: use_cache=True, dual_cache=False
 
 
 @register_strategy
@@ -60,4 +60,5 @@ class DualCache(_BlockCache):
     """Fast-dLLM DualCache: reuse prefix and suffix K/V within a block, recompute only the block."""
 
     name = "dual"
+    switch = ("dual_cache", True)
     feeds_suffix = False

@@ -40,10 +40,10 @@ def list_options() -> str:
     lines.append("registered cache strategies (cache_type: options): " +
                  "; ".join(f"{k}: {', '.join(sorted(v)) or '-'}" for k, v in sorted(strategies.items())))
     try:
-        from dkvcache.decoders import DECODING_KNOBS
+        from dkvcache.decoders import decoding_knobs
 
         lines.append("decodings (generation.decoding: knobs): " +
-                     "; ".join(f"{k}: {', '.join(v) or '-'}" for k, v in DECODING_KNOBS.items()))
+                     "; ".join(f"{k}: {', '.join(v) or '-'}" for k, v in decoding_knobs().items()))
     except ImportError:
         pass
     missing = []

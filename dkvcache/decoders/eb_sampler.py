@@ -1,0 +1,40 @@
+"""EB-sampler: an entropy bound decides how many of the best candidates a step unmasks."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from dkvcache.decoders.base import Decoder, StepView, register_decoder
+from dkvcache.sampling import entropy_bound_count, select_top
+from dkvcache.validate import check_number
+
+if TYPE_CHECKING:
+    from dkvcache.options import GenerationOptions
+
+
+@register_decoder
+class EBSampler(Decoder):
+    """EB-sampler: sort candidates by score; with H_(i) their entropies in that order, unmask the i with
+    Σ_{j≤i} H_(j) − max_{j≤i} H_(j) ≤ gamma (running max along the candidates; the reference took it over the
+    batch), clamped to [schedule count, candidates]. gamma = 0: one token per step (plus zero-entropy ties);
+    gamma = inf: every candidate."""
+
+    name = "eb_sampler"
+    defaults = {"gamma": 1e-3}
+    ranks_by_confidence = True
+    allows_alg_temp = False
+    own_parallel_rule = "gamma"
+
+    @classmethod
+    def check(cls, opts: GenerationOptions) -> None:
+        super().check(opts)
+        check_number("gamma", opts.gamma, 0.0, float("inf"))
+
+    def choose(self, step: StepView, count: torch.Tensor) -> torch.Tensor:
+        ranked = step.score.masked_fill(~step.decodable, float("-inf"))
+        order = torch.sort(ranked, dim=1, descending=True, stable=True).indices  # select_top's order
+        entropy = torch.special.entr(step.probs()).sum(-1)
+        eb = entropy_bound_count(entropy.gather(1, order), step.decodable.gather(1, order), self.opts.gamma)
+        return select_top(step.score, step.decodable, torch.maximum(eb, count))
