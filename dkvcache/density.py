@@ -1,4 +1,4 @@
-"""The certainty density of d2Cache (Eq. 3 as implemented; spec d2cache-and-dllmcache.md §2.4).
+"""The certainty density of d2Cache (Eq. 3 of the paper, as its code computes it).
 
 D(i) = Σ_j e_j φ(i − j) / Σ_d φ(d), φ(d) = exp(−d² / 2σ²), over j ∈ [−G, 2G) and d ∈ [−3G, 3G), where e_j = 1 left of
 the generated region (the prompt side counts as known), e_j = known_j inside it, and e_j = known_{G−1} right of it

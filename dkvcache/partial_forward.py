@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -80,29 +81,59 @@ class KVBuffers:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.length = length
 
-    @property
-    def scratch_index(self) -> int:
-        return self.length
-
-    def write(self, layer: int, fed_idx: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store fresh k/v (B, Hkv, n, D) at positions ``fed_idx`` (B, n); ``None`` means all L positions."""
+    def update(self, layer: int, fed_idx: torch.Tensor | None, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store fresh k/v (B, Hkv, n, D) at positions ``fed_idx`` (B, n) (``None``: all L positions, in order);
+        return every layer key/value (B, Hkv, L + 1, D) to attend over."""
         if fed_idx is None:
             self.keys[layer][:, :, : self.length] = k
             self.values[layer][:, :, : self.length] = v
-            return
-        index = fed_idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
-        self.keys[layer].scatter_(2, index, k)
-        self.values[layer].scatter_(2, index, v)
+        else:
+            index = fed_idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+            self.keys[layer].scatter_(2, index, k)
+            self.values[layer].scatter_(2, index, v)
+        return self.keys[layer], self.values[layer]
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only batch rows ``rows`` (used when finished rows leave the batch)."""
-        self.keys = [k[rows] for k in self.keys]
-        self.values = [v[rows] for v in self.values]
+    def cached_values(self, layer: int, start: int, end: int) -> torch.Tensor:
+        """The stored values of positions [start, end) (B, Hkv, end − start, D) (a view)."""
+        return self.values[layer][:, :, start:end]
+
+    def refresh_values(self, layer: int, start: int, v: torch.Tensor, rows: torch.Tensor) -> None:
+        """Overwrite the values of positions [start, start + n) with ``v`` (B, Hkv, n, D) in batch rows ``rows``
+        (B,) bool only, keeping their keys (dLLM-Cache's V-verify)."""
+        end = start + v.shape[2]
+        cached = self.values[layer][:, :, start:end]
+        self.values[layer][:, :, start:end] = torch.where(rows[:, None, None, None], v, cached)
 
 
-# A per-layer override: (layer index, layer module, hidden (B, n, d), context) -> new hidden. Strategies that need
+class DecoderLayer(Protocol):
+    """What a transformer block must offer the partial forward and layer hooks (Dream's and LLaDA's do)."""
+
+    head_dim: int
+    rotate_in_model_dtype: bool  # Dream rotates in the model dtype, LLaDA in float32
+
+    def attn_norm(self, h: torch.Tensor) -> torch.Tensor: ...
+    def mlp_norm(self, h: torch.Tensor) -> torch.Tensor: ...
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def project_v(self, x: torch.Tensor) -> torch.Tensor: ...
+    def project_out(self, attn: torch.Tensor) -> torch.Tensor: ...
+    def mlp(self, h: torch.Tensor) -> torch.Tensor: ...
+
+
+class DiffusionBackbone(Protocol):
+    """What a model must offer :class:`PartialForwardMixin` (Dream's and LLaDA's classes do)."""
+
+    config: Any
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor: ...
+    def _layers(self) -> nn.ModuleList: ...
+    def _final_norm(self, h: torch.Tensor) -> torch.Tensor: ...
+    def _lm_head(self, h: torch.Tensor) -> torch.Tensor: ...
+
+
+# A per-layer override: (layer index, layer, hidden (B, n, d), context) -> new hidden. Strategies that need
 # more than "one fed subset through every layer" (dLLM-Cache) install one; everything else uses `layer_forward`.
-LayerHook = Callable[[int, nn.Module, torch.Tensor, "ForwardContext"], torch.Tensor]
+LayerHook = Callable[[int, DecoderLayer, torch.Tensor, "ForwardContext"], torch.Tensor]
 
 
 @dataclass
@@ -165,8 +196,7 @@ def attention_sublayer(layer: nn.Module, normed: torch.Tensor, ctx: ForwardConte
     q = apply_rotary(q, cos, sin, layer.rotate_in_model_dtype)
     k = apply_rotary(k, cos, sin, layer.rotate_in_model_dtype)
     if ctx.kv is not None:
-        ctx.kv.write(index, ctx.fed_idx, k, v)
-        k, v = ctx.kv.keys[index], ctx.kv.values[index]
+        k, v = ctx.kv.update(index, ctx.fed_idx, k, v)
     out, probs = attention(q, k, v, ctx.key_valid, ctx.want_attn_probs, ctx.extra_mask)
     if probs is not None:
         ctx.attn_probs.append(probs)
@@ -216,9 +246,15 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 class PartialForwardMixin:
     """Gives a model (with ``embed``, ``layers``, ``final_norm``, ``lm_head_module``) the two forwards of dkvcache.
 
-    Subclasses provide ``_embed(ids)``, ``_layers()``, ``_final_norm(h)``, ``_lm_head(h)``; their config provides
-    ``rope_theta``, ``head_dim`` and ``num_key_value_heads``.
+    Subclasses provide ``_embed(ids)``, ``_layers()``, ``_final_norm(h)``, ``_lm_head(h)`` (see
+    :class:`DiffusionBackbone`; layers follow :class:`DecoderLayer`); their config provides ``rope_theta``,
+    ``head_dim`` and ``num_key_value_heads``.
     """
+
+    @property
+    def num_layers(self) -> int:
+        """Number of transformer blocks."""
+        return len(self._layers())
 
     @property
     def _rope_theta(self) -> float:
@@ -235,7 +271,7 @@ class PartialForwardMixin:
     def allocate_kv(self, batch: int, length: int) -> KVBuffers:
         """Buffers for a partial forward over sequences of ``length`` positions."""
         param = next(self.parameters())
-        return KVBuffers(len(self._layers()), batch, self._n_kv_heads, length, self._head_dim,
+        return KVBuffers(self.num_layers, batch, self._n_kv_heads, length, self._head_dim,
                          param.device, param.dtype)
 
     def partial_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,

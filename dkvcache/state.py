@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from dkvcache.options import GenerationOptions
+from dkvcache.partial_forward import KVBuffers
 from dkvcache.sampling import Family
 from dkvcache.schedule import BlockSchedule
 
@@ -36,7 +37,7 @@ class DecodeState:
     step_in_block: int = 0
     steps_in_block: int | None = 0
     global_step: int = 0
-    kv: Any | None = None
+    kv: KVBuffers | None = None
     forwards: int = 0
     full_positions: int = 0
     fed_positions: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))

@@ -1,7 +1,7 @@
 """d2Cache (Jiang et al., 2025): token-level K/V caching chosen by a certainty prior and attention rollout.
 
-Spec: ../shared/spec/d2cache-and-dllmcache.md §2. Step 0 is a full forward. After every step the strategy picks
-the positions fed at the next step; every other position's K/V is read from the buffers (no periodic refresh):
+Step 0 is a full forward. After every step the strategy picks the positions fed at the next step; every other
+position's K/V is read from the buffers (no periodic refresh):
   Stage 1  masked positions ranked by certainty × certainty density (width ``d2_sigma``) inside the search
            window, current block first: the top min(max(current_k, next step's transfer count), #masked in the
            window); Dream feeds the position before each (query j−1 predicts token j; P−1 for the first one).
@@ -9,13 +9,15 @@ the positions fed at the next step; every other position's K/V is read from the 
   Stage 2  the attention-rollout nucleus: the largest prefix of the remaining (non-pad) positions, sorted by
            influence, whose normalised influence sums to ≤ ``rollout_p`` (at least one).
   inflate  ``inflate_w`` > 0 also feeds every gap of ≤ ``inflate_w`` between two fed positions.
-The loop only decodes candidates whose source position was fed (the original's bug 6.1 b), so Stage 1 includes
-at least the next step's transfer count: the schedule can always be met and no MASK is ever left behind.
+The loop only decodes candidates whose source position was fed (the original gave the others all-zero logits, a
+1/V confidence and token 0), so Stage 1 includes at least the next step's transfer count: the schedule can always
+be met and no MASK is ever left behind.
 
 Certainty of a position: the latest confidence it got while its prediction was fresh (source fed), refreshed
-every step (fixes bug 6.1 a); ``d2_frozen_confidence=True`` keeps the first one instead (the published
-behaviour: the step-0 confidences with one block). ``alg="entropy"`` confidences (−H ≤ 0) enter as exp(−H) so
-that a higher density always ranks higher. Positions never predicted yet (later blocks) count as certainty 1.
+every step (the original meant to, but an operator-precedence bug froze them); ``d2_frozen_confidence=True``
+keeps the first one instead (the published behaviour: the step-0 confidences with one block).
+``alg="entropy"`` confidences (−H ≤ 0) enter as exp(−H) so that a higher density always ranks higher. Positions
+never predicted yet (later blocks) count as certainty 1.
 Decoders (``decoding=``) choose among the decodable candidates; ``decoding="ar"`` can only unmask the leftmost
 masked run, so Stage 1 then ranks by position instead (leftmost first). The certainty prior of *decoding*
 (``sigma``) is the loop's and composes with this cache unchanged.
@@ -29,22 +31,27 @@ The probabilities come from the attention function of the fed queries only (expl
 ``attn_implementation="eager"``); a layer hook reduces them to the head mean at once, so per step the strategy
 holds layers × (B, n, T) values. Every other strategy keeps SDPA.
 
-Batches: rows are ragged (no top-up to the largest selection, bug 6.1 e), pads are never fed nor selected, and
-a row with nothing left in the current block (parallel decoding finished it early) feeds nothing and keeps its
-selection, so a padded batch row equals its single run. The batch still runs max-row-count queries per step
-(padding entries write to the scratch slot and are never read).
+Batches: rows are ragged (the original topped every row up to the largest selection), pads are never fed nor
+selected, and a row with nothing left in the current block (parallel decoding finished it early) feeds nothing
+and keeps its selection, so a padded batch row equals its single run. The batch still runs max-row-count queries
+per step (padding entries write to the scratch slot and are never read).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
 from dkvcache.caches.base import CacheStrategy, StepOutcome, StepPlan, register_strategy
 from dkvcache.density import certainty_density
 from dkvcache.indexing import ragged_indices, slots_of
-from dkvcache.partial_forward import ForwardContext, compute_dtype, layer_forward
+from dkvcache.partial_forward import ForwardContext, LayerHook, compute_dtype, layer_forward
 from dkvcache.state import DecodeState
 from dkvcache.validate import check_bool, check_int, check_number
+
+if TYPE_CHECKING:
+    from dkvcache.options import GenerationOptions
 
 
 def _ranks(key: torch.Tensor) -> torch.Tensor:
@@ -163,7 +170,7 @@ class D2Cache(CacheStrategy):
         self.means: list[torch.Tensor] = []
 
     @classmethod
-    def check(cls, options: dict, family: str, opts) -> None:
+    def check(cls, options: dict, family: str, opts: GenerationOptions) -> None:
         options = {**cls.defaults, **{k: v for k, v in options.items() if v is not None}}
         check_int("current_k", options["current_k"], 1)
         check_number("d2_sigma", options["d2_sigma"], 0.0, float("inf"), low_open=True)
@@ -196,7 +203,7 @@ class D2Cache(CacheStrategy):
         fed_idx = ragged_indices(self.selection & active[:, None], pad_value=state.length)[0]
         return StepPlan(fed_idx=fed_idx, use_kv=True)
 
-    def layer_hook(self):
+    def layer_hook(self) -> LayerHook:
         return self._layer
 
     def _layer(self, index: int, layer, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -286,3 +293,4 @@ class D2CacheAlias(D2Cache):
     """``cache_type="d2cache"``: the d2Cache framework's name for ``"d2"``."""
 
     name = "d2cache"
+

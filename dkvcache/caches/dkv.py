@@ -8,7 +8,7 @@ Timeline of ``decoded`` (the one-step delay): a token decoded at step t is fed a
 and read from the cache from t+2 until the next refresh. In buffer form: feed ``~prv``; after the step
 ``prv ← C``, ``C ← rule(x)``. Positions that enter the cache keep the K/V computed while they were last fed.
 
-Variants (spec: ../shared/spec/dkv-cache.md §2):
+Variants (dKV-Cache paper §3 and its code):
   decoded  refresh (full forward) every ``cache_steps`` steps. Dream counts steps over the whole call; LLaDA
            restarts every block (full forward at block step 0, rebuild at step 1 and every multiple of
            ``cache_steps``) unless ``cache_across_blocks=True``.
@@ -22,6 +22,8 @@ Variants (spec: ../shared/spec/dkv-cache.md §2):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from dkvcache import rng
@@ -29,6 +31,9 @@ from dkvcache.caches.base import CacheStrategy, StepOutcome, StepPlan, register_
 from dkvcache.indexing import ragged_indices
 from dkvcache.state import DecodeState
 from dkvcache.validate import check_bool, check_choice, check_int
+
+if TYPE_CHECKING:
+    from dkvcache.options import GenerationOptions
 
 SHIFT_TYPES = ("un", "un_right", "right")
 
@@ -77,7 +82,7 @@ class _ShiftRuleCache(CacheStrategy):
         self.cached_now: torch.Tensor | None = None  # prv
 
     @classmethod
-    def check(cls, options: dict, family: str, opts) -> None:
+    def check(cls, options: dict, family: str, opts: GenerationOptions) -> None:
         check_int("cache_steps", options.get("cache_steps"), 1, allow_none=True)
         shift = options.get("shift_type")
         if shift is not None:
@@ -119,7 +124,7 @@ class DecodedCache(_ShiftRuleCache):
         self.llada_timeline = False
 
     @classmethod
-    def check(cls, options: dict, family: str, opts) -> None:
+    def check(cls, options: dict, family: str, opts: GenerationOptions) -> None:
         super().check(options, family, opts)
         check_bool("cache_across_blocks", options.get("cache_across_blocks", False))
 
@@ -213,7 +218,7 @@ class GreedyCache(CacheStrategy):
         self.active: torch.Tensor | None = None
 
     @classmethod
-    def check(cls, options: dict, family: str, opts) -> None:
+    def check(cls, options: dict, family: str, opts: GenerationOptions) -> None:
         if family != "llada":
             raise ValueError("diffusion_generate: cache_type='greedy' needs a model without the logit shift "
                              "(LLaDA); for Dream use 'decoded', 'prefill' or 'pd'")
@@ -297,3 +302,4 @@ class GreedyCache(CacheStrategy):
 
     def stats(self) -> dict:
         return {**super().stats(), "cache_steps": self.cache_steps, "window_size": self.window}
+

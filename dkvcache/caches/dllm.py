@@ -1,5 +1,5 @@
 """dLLM-Cache (Liu et al., 2025): prompt and response features refreshed at different intervals, with V-verify
-adaptive partial updates. Spec: ../shared/spec/d2cache-and-dllmcache.md §3.
+adaptive partial updates (the dLLM-Cache paper and its hooks, as ported by the d2Cache framework).
 
 Every position flows through every layer, but a layer recomputes only some rows and adds cached sublayer outputs
 for the others. Per layer it keeps K/V (in the shared buffers), the attention output after the output projection
@@ -22,14 +22,19 @@ and forwards (every position still enters the embedding).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from dkvcache.caches.base import CacheStrategy, StepPlan, register_strategy
 from dkvcache.indexing import ragged_indices
-from dkvcache.partial_forward import ForwardContext, attention_sublayer, rows_context
+from dkvcache.partial_forward import ForwardContext, LayerHook, attention_sublayer, rows_context
 from dkvcache.state import DecodeState
 from dkvcache.validate import check_int, check_number
+
+if TYPE_CHECKING:
+    from dkvcache.options import GenerationOptions
 
 # (kp, kr) per task for {family}-{base|inst}, from the d2Cache framework's gen_args (= the d2Cache paper's
 # Table 3 and the dLLM-Cache scripts).
@@ -81,7 +86,7 @@ class DLLMCache(CacheStrategy):
         self.kp, self.kr, self.rou, self.preset = kp, kr, rou, dllm_preset
 
     @classmethod
-    def check(cls, options: dict, family: str, opts) -> None:
+    def check(cls, options: dict, family: str, opts: GenerationOptions) -> None:
         for name in ("kp", "kr"):
             check_int(name, options.get(name), 1, allow_none=True)
         check_number("rou", options.get("rou", 0.25), 0.0, 1.0)
@@ -92,7 +97,7 @@ class DLLMCache(CacheStrategy):
         kp, kr = resolve_preset(self.preset, state.family.name) if self.preset else (50, 2)
         self.kp = self.kp or kp
         self.kr = self.kr or kr
-        n_layers = len(state.model._layers())
+        n_layers = state.model.num_layers
         # Cached sublayer outputs (B, L + 1, d): slot L is a scratch row for padded index entries.
         self.attn_out: list[torch.Tensor | None] = [None] * n_layers
         self.ffn_out: list[torch.Tensor | None] = [None] * n_layers
@@ -111,7 +116,7 @@ class DLLMCache(CacheStrategy):
         refresh = bool((self.prompt_rows & self.response_rows | ~active).all())
         return StepPlan(fed_idx=None, use_kv=True, refresh=refresh)
 
-    def layer_hook(self):
+    def layer_hook(self) -> LayerHook:
         return self._layer
 
     def _layer(self, index: int, layer, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -158,15 +163,13 @@ class DLLMCache(CacheStrategy):
         """V-verify for the rows in ``verify_rows``: refresh their response value vectors in the cache and
         return (B, L) the ⌊rou·G⌋ least similar response positions of each of those rows."""
         start, length = self.prompt_length, x.shape[1]
-        values = ctx.kv.values[index]
-        batch, heads, _, head_dim = values.shape
+        cached = ctx.kv.cached_values(index, start, length)
+        batch, heads, _, head_dim = cached.shape
         v_new = layer.project_v(layer.attn_norm(x[:, start:]))
-        cached = values[:, :, start:length]
         v_old = cached.transpose(1, 2).reshape(batch, length - start, heads * head_dim)
         picked = least_similar_rows(v_new, v_old, int(self.rou * (length - start))) + start
         rows = self.verify_rows
-        fresh = v_new.view(batch, length - start, heads, head_dim).transpose(1, 2)
-        values[:, :, start:length] = torch.where(rows[:, None, None, None], fresh, cached)
+        ctx.kv.refresh_values(index, start, v_new.view(batch, length - start, heads, head_dim).transpose(1, 2), rows)
         out = torch.zeros(batch, length, dtype=torch.bool, device=x.device)
         out.scatter_(1, picked, True)
         return out & rows[:, None]
@@ -175,3 +178,4 @@ class DLLMCache(CacheStrategy):
         fraction = int(self.rows_recomputed) / max(self.rows_total, 1)
         return {**super().stats(), "fed_fraction": fraction, "recompute_fraction": fraction, "kp": self.kp,
                 "kr": self.kr, "rou": self.rou}
+

@@ -14,11 +14,16 @@ forward without any confidence test and switched any ``alg`` to entropy; we do n
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from dkvcache.caches.base import CacheStrategy, StepPlan, register_strategy
 from dkvcache.state import DecodeState
 from dkvcache.validate import check_int
+
+if TYPE_CHECKING:
+    from dkvcache.options import GenerationOptions
 
 
 class _BlockCache(CacheStrategy):
@@ -31,7 +36,7 @@ class _BlockCache(CacheStrategy):
         self.cache_steps = cache_steps
 
     @classmethod
-    def check(cls, options: dict, family: str, opts) -> None:
+    def check(cls, options: dict, family: str, opts: GenerationOptions) -> None:
         check_int("cache_steps", options.get("cache_steps"), 1, allow_none=True)
 
     def plan(self, state: DecodeState) -> StepPlan:
@@ -62,3 +67,4 @@ class DualCache(_BlockCache):
     name = "dual"
     switch = ("dual_cache", True)
     feeds_suffix = False
+
