@@ -19,7 +19,7 @@ from dkvcache import caches
 from dkvcache.caches.base import StepOutcome
 from dkvcache.decoders import Decoder, StepView, make_decoder
 from dkvcache.density import certainty_prior
-from dkvcache.indexing import ragged_indices, scatter_rows, slots_of
+from dkvcache.indexing import bucket, fixed_indices, scatter_rows, slots_of
 from dkvcache.options import GenerationOptions
 from dkvcache.resolve import resolve
 from dkvcache.rng import resolve_row_seeds
@@ -183,10 +183,16 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder) 
     candidates = state.masked()
     candidates[:, : state.block_start] = False
     candidates[:, state.block_end:] = False
-    cand_pos, cand_valid = ragged_indices(candidates, pad_value=length)
-    if cand_pos.shape[1] == 0:
-        return False
     plan = strategy.plan(state)
+    # The step's one host synchronisation: how many candidates (0 = the block is done) and fed positions the
+    # widest row has. Both widths are rounded up to a bucket, so the step only ever sees a few shapes.
+    counts = [candidates.sum(1).max()] + ([plan.fed_mask.sum(1).max()] if plan.fed_mask is not None else [])
+    widths = torch.stack(counts).tolist()
+    if widths[0] == 0:
+        return False  # the plan is discarded (plans are side-effect safe)
+    cand_pos, cand_valid = fixed_indices(candidates, bucket(widths[0], state.block_end - state.block_start), length)
+    if plan.fed_mask is not None:
+        plan.fed_idx = fixed_indices(plan.fed_mask, bucket(widths[1], length), length)[0]
     state.refreshes += int(plan.refresh)
     source = cand_pos - 1 if state.family.shift_logits else cand_pos
     source = torch.where(cand_valid, source, length)

@@ -17,6 +17,22 @@ def ragged_indices(mask: torch.Tensor, pad_value: int) -> tuple[torch.Tensor, to
     return torch.where(valid, order, torch.full_like(order, pad_value)), valid
 
 
+def bucket(n: int, cap: int) -> int:
+    """The padded width for ``n`` entries: the next power of two (≥ 1), at most ``cap``. Few distinct widths keep
+    compiled/captured steps to a handful of shapes; padding entries cost a little compute, never a result."""
+    if n <= 0:
+        return 0
+    return min(1 << (n - 1).bit_length(), cap)
+
+
+def fixed_indices(mask: torch.Tensor, width: int, pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`ragged_indices` but with a given ``width`` (≥ every row's count): no host sync."""
+    counts = mask.sum(dim=1)
+    order = torch.sort(mask.logical_not().to(torch.int8), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
+    return torch.where(valid, order, torch.full_like(order, pad_value)), valid
+
+
 def slots_of(fed_idx: torch.Tensor, length: int) -> torch.Tensor:
     """Inverse of a fed set: (B, L + 1) mapping each position to its slot in ``fed_idx``, or -1 if not fed."""
     batch, n = fed_idx.shape

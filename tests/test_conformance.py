@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dkvcache import caches
+from dkvcache import caches, generation
 from tests.conftest import MASK, left_pad, random_prompts, tiny_dream, tiny_llada
 
 PROMPTS = [random_prompts(1, 8, seed=31)[0], random_prompts(1, 3, seed=32)[0], random_prompts(1, 6, seed=33)[0]]
@@ -97,17 +97,16 @@ def _kwargs(strategy: str, family: str, mode: str, **extra) -> dict:
 
 
 def _capture_plans(monkeypatch: pytest.MonkeyPatch, strategy: str, plans: list) -> None:
-    """Wrap the strategy class's ``plan`` to record (fed_idx copy, use_kv, refresh, B, L) of every step."""
-    cls = caches.get_strategy(strategy)
-    original = cls.plan
+    """Record (fed_idx copy, use_kv, refresh, B, L) of every step that runs, as the loop resolved its plan (a
+    ``fed_mask`` turned into a bucketed ``fed_idx``; plans discarded at a finished block are not steps)."""
+    original = generation._forward
 
-    def plan(self, state):
-        result = original(self, state)
-        fed = None if result.fed_idx is None else result.fed_idx.clone()
-        plans.append((fed, result.use_kv, result.refresh, state.batch, state.length))
-        return result
+    def forward(state, strategy_, plan, decoder):
+        fed = None if plan.fed_idx is None else plan.fed_idx.clone()
+        plans.append((fed, plan.use_kv, plan.refresh, state.batch, state.length))
+        return original(state, strategy_, plan, decoder)
 
-    monkeypatch.setattr(cls, "plan", plan)
+    monkeypatch.setattr(generation, "_forward", forward)
 
 
 class _Run:

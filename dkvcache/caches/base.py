@@ -21,15 +21,19 @@ if TYPE_CHECKING:
 
 @dataclass
 class StepPlan:
-    """What to feed this step.
+    """What to feed this step: ``fed_mask`` or ``fed_idx`` (neither = every position).
 
-    fed_idx: (B, n) positions, ascending per row, padding entries equal to the sequence length L;
-             None = every position.
+    fed_mask: (B, L) bool, the positions to feed; the loop turns it into a ``fed_idx`` whose width is a bucket
+              (a power of two) read in the step's one host sync. Prefer it for per-row ragged sets.
+    fed_idx: (B, n) positions, ascending per row, padding entries equal to the sequence length L; for sets whose
+             width is known without looking at the data (prefix/dual: the block, the suffix).
     use_kv:  read/write the K/V buffers (False only for strategies that never cache).
     refresh: this step recomputes everything the cache holds (counted in ``stats``).
+    A plan must be safe to discard: the loop may find the block finished after planning and not run the step.
     """
 
     fed_idx: torch.Tensor | None = None
+    fed_mask: torch.Tensor | None = None
     use_kv: bool = False
     refresh: bool = False
 

@@ -45,7 +45,7 @@ import torch
 
 from dkvcache.caches.base import CacheStrategy, StepOutcome, StepPlan, register_strategy
 from dkvcache.density import certainty_density
-from dkvcache.indexing import ragged_indices, slots_of
+from dkvcache.indexing import slots_of
 from dkvcache.partial_forward import ForwardContext, LayerHook, compute_dtype, layer_forward
 from dkvcache.state import DecodeState
 from dkvcache.validate import check_bool, check_int, check_number
@@ -200,8 +200,7 @@ class D2Cache(CacheStrategy):
         if self.selection is None:
             return StepPlan(fed_idx=None, use_kv=True, refresh=True)
         active = state.masked()[:, state.block_start:state.block_end].any(1)  # rows with candidates
-        fed_idx = ragged_indices(self.selection & active[:, None], pad_value=state.length)[0]
-        return StepPlan(fed_idx=fed_idx, use_kv=True)
+        return StepPlan(fed_mask=self.selection & active[:, None], use_kv=True)
 
     def layer_hook(self) -> LayerHook:
         return self._layer

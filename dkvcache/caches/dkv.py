@@ -28,7 +28,6 @@ import torch
 
 from dkvcache import rng
 from dkvcache.caches.base import CacheStrategy, StepOutcome, StepPlan, register_strategy
-from dkvcache.indexing import ragged_indices
 from dkvcache.state import DecodeState
 from dkvcache.validate import check_bool, check_choice, check_int
 
@@ -64,8 +63,6 @@ def _initial_cacheable(decoded: torch.Tensor, shift_type: str) -> torch.Tensor:
     return c
 
 
-def _feed_complement(cached: torch.Tensor, length: int) -> torch.Tensor:
-    return ragged_indices(~cached, pad_value=length)[0]
 
 
 class _ShiftRuleCache(CacheStrategy):
@@ -153,7 +150,7 @@ class DecodedCache(_ShiftRuleCache):
         if full or self.cached_now is None:
             self.cached_now = None
             return StepPlan(fed_idx=None, use_kv=True, refresh=True)
-        return StepPlan(fed_idx=_feed_complement(self.cached_now, state.length), use_kv=True)
+        return StepPlan(fed_mask=~self.cached_now, use_kv=True)
 
 
 def _prompt_part(state: DecodeState) -> torch.Tensor:
@@ -173,12 +170,12 @@ class PrefillCache(CacheStrategy):
     option_names = frozenset({"cache_steps", "shift_type"})  # accepted (the original script passes them), unused
 
     def begin(self, state: DecodeState) -> None:
-        self.fed_after_step0 = _feed_complement(_prompt_part(state), state.length)
+        self.fed_after_step0 = ~_prompt_part(state)
 
     def plan(self, state: DecodeState) -> StepPlan:
         if state.global_step == 0:
             return StepPlan(fed_idx=None, use_kv=True, refresh=True)
-        return StepPlan(fed_idx=self.fed_after_step0, use_kv=True)
+        return StepPlan(fed_mask=self.fed_after_step0, use_kv=True)
 
 
 @register_strategy
@@ -198,8 +195,8 @@ class PrefillDecodedCache(_ShiftRuleCache):
         # refreshes counted within the block, so each block starts with one (see DecodedCache._step_index)
         if state.step_in_block % self.cache_steps == 0 or self.cached_now is None:
             self.cached_now = None
-            return StepPlan(fed_idx=_feed_complement(self.prompt_part, state.length), use_kv=True, refresh=True)
-        return StepPlan(fed_idx=_feed_complement(self.cached_now, state.length), use_kv=True)
+            return StepPlan(fed_mask=~self.prompt_part, use_kv=True, refresh=True)
+        return StepPlan(fed_mask=~self.cached_now, use_kv=True)
 
 
 @register_strategy
@@ -258,7 +255,7 @@ class GreedyCache(CacheStrategy):
         i = state.step_in_block
         if i % self.cache_steps == 0 or self.active is None:
             return StepPlan(fed_idx=None, use_kv=True, refresh=True)
-        return StepPlan(fed_idx=ragged_indices(self.active, pad_value=state.length)[0], use_kv=True)
+        return StepPlan(fed_mask=self.active, use_kv=True)
 
     def after_step(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Active set of the next step: its tokens, the tokens just decoded, and their masked neighbours."""
