@@ -290,7 +290,15 @@ def resolve_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m dkvcache.bench`` / ``dkvcache-bench``. Returns the exit status."""
+    """Entry point of ``python -m dkvcache.bench`` / ``dkvcache-bench``. Returns the exit status.
+
+    ``--overhead [options]`` runs :mod:`dkvcache.overhead` (per-step overhead, eager vs compiled) instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--overhead" in argv:
+        from dkvcache import overhead
+
+        overhead.main([a for a in argv if a != "--overhead"])
+        return 0
     args = resolve_args(argv)
     strategies = caches.available_strategies()
     if args.list_strategies:

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 from transformers.utils import ModelOutput
 
-from dkvcache import caches
+from dkvcache import caches, capture
 from dkvcache.caches.base import StepOutcome
 from dkvcache.decoders import Decoder, StepView, make_decoder
 from dkvcache.density import certainty_prior
@@ -140,6 +141,10 @@ def _denoise(state: DecodeState, strategy: caches.CacheStrategy,
     if opts.generation_tokens_hook_func is not None:
         state.x = opts.generation_tokens_hook_func(None, state.x, None)
     strategy.begin(state)
+    if opts.compile:
+        state.capture_blocker = capture.blocker(strategy, type(decoder).extension is not Decoder.extension, opts)
+        if state.capture_blocker is not None:
+            capture.notice(state.capture_blocker)
     for block_index, (block_start, block_end, steps) in enumerate(_blocks(state)):
         state.block_index = block_index
         state.block_start, state.block_end, state.steps_in_block = block_start, block_end, steps
@@ -165,7 +170,11 @@ def _denoise(state: DecodeState, strategy: caches.CacheStrategy,
             break
     if state.x.device.type == "cuda":
         torch.cuda.synchronize(state.x.device)
-    stats = _stats(state, strategy, time.perf_counter() - start_time)
+    seconds = time.perf_counter() - start_time - state.capture_stats.get("compile_s", 0.0)
+    stats = _stats(state, strategy, seconds)
+    if opts.compile:
+        stats.update({"compiled": state.capture_blocker is None, "compile_s": 0.0, "compiled_shapes": 0,
+                      **state.capture_stats})
     stats.update(decoder.stats())
     if not opts.return_dict_in_generate:
         return state.x
@@ -258,9 +267,13 @@ def _forward(state: DecodeState, strategy: caches.CacheStrategy, plan: caches.St
         if state.kv is None:
             state.kv = model.allocate_kv(ids.shape[0], state.length)
         kv = state.kv
-    hidden = model.partial_forward(ids, positions, key_valid, fed_idx=plan.fed_idx, kv=kv,
-                                   layer_hook=strategy.layer_hook(), want_attn_probs=strategy.wants_attention,
-                                   extra_mask=extra_mask)
+    with record_function("dkvcache.forward"):  # scope for dkvcache.overhead's per-layer call counts
+        if opts.compile and state.capture_blocker is None:
+            hidden = capture.compiled_forward(model)(state.capture_stats, ids, positions, key_valid, plan.fed_idx, kv)
+        else:
+            hidden = model.partial_forward(ids, positions, key_valid, fed_idx=plan.fed_idx, kv=kv,
+                                           layer_hook=strategy.layer_hook(),
+                                           want_attn_probs=strategy.wants_attention, extra_mask=extra_mask)
     state.forwards += 1
     state.full_positions += ids.numel()
     fed = ids.numel() if plan.fed_idx is None else (plan.fed_idx < state.length).sum() * (ids.shape[0] // state.batch)

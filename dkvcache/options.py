@@ -30,6 +30,9 @@ class GenerationOptions:
     original code's behaviour); the default ``"paper"`` stops at the first failure. With threshold/factor and
     no ``alg``, Dream uses ``"maskgit_plus"``. ``alg="confidence_threshold"`` (Fast-dLLM's Dream name) is
     ``alg="maskgit_plus"`` with ``threshold`` defaulting to 0.9.
+    ``compile=True``: the model forward of each step compiled per shape (``torch.compile``; CUDA graphs on
+    CUDA); compile time is reported as ``stats["compile_s"]``. Strategies or decoders that cannot be captured
+    run eagerly with a one-line notice (see ``dkvcache.capture``).
     Certainty prior (d2Cache): ``sigma`` > 0 ranks masked positions by confidence × certainty density
     (``dkvcache.density``) instead of confidence alone; threshold/factor then compare that score. Small sigma
     decodes nearly left to right, a huge sigma is plain confidence decoding. None or 0 = off.
@@ -56,6 +59,7 @@ class GenerationOptions:
     threshold: float | None = None
     factor: float | None = None
     schedule_floor: bool = False
+    compile: bool = False
     factor_rule: str = "paper"
     sigma: float | None = None
     logits_eos_inf: bool = False
@@ -225,7 +229,7 @@ def _validate(opts: GenerationOptions) -> None:
         raise fail("factor_rule", opts.factor_rule, repr(list(FACTOR_RULES)))
     check_int("num_return_sequences", opts.num_return_sequences, 1)
     for name in ("logits_eos_inf", "confidence_eos_eot_inf", "output_history", "return_dict_in_generate",
-                 "eos_early_stop", "full_logits", "use_cache", "schedule_floor"):
+                 "eos_early_stop", "full_logits", "use_cache", "schedule_floor", "compile"):
         check_bool(name, getattr(opts, name))
     if opts.mask_token_id is None:
         raise ValueError("diffusion_generate: mask_token_id is unknown; set it in the model config or pass it")

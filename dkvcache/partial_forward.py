@@ -34,9 +34,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         dtype = hidden.dtype
-        h = hidden.to(compute_dtype(dtype))
+        work = compute_dtype(dtype)
+        h = hidden if work == dtype else hidden.to(work)  # skip no-op casts: each is a dispatched call
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return self.weight * (h if work == dtype else h.to(dtype))
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,8 +64,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate_i
     """
     dtype = x.dtype
     work = dtype if rotate_in_model_dtype else compute_dtype(dtype)
-    cos, sin, xw = cos.to(work), sin.to(work), x.to(work)
-    return ((xw * cos) + (_rotate_half(xw) * sin)).to(dtype)
+    if cos.dtype != work:
+        cos, sin = cos.to(work), sin.to(work)
+    if work == dtype:
+        return x * cos + _rotate_half(x) * sin
+    xw = x.to(work)
+    return (xw * cos + _rotate_half(xw) * sin).to(dtype)
 
 
 class KVBuffers:
@@ -80,6 +85,7 @@ class KVBuffers:
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.length = length
+        self._index: tuple[torch.Tensor, torch.Tensor] | None = None  # (fed_idx, its scatter index), per forward
 
     def update(self, layer: int, fed_idx: torch.Tensor | None, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +95,9 @@ class KVBuffers:
             self.keys[layer][:, :, : self.length] = k
             self.values[layer][:, :, : self.length] = v
         else:
-            index = fed_idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+            if self._index is None or self._index[0] is not fed_idx:  # built once per forward, not per layer
+                self._index = (fed_idx, fed_idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]))
+            index = self._index[1]
             self.keys[layer].scatter_(2, index, k)
             self.values[layer].scatter_(2, index, v)
         return self.keys[layer], self.values[layer]
@@ -158,21 +166,43 @@ class ForwardContext:
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     extra_mask: torch.Tensor | None = None
+    # Per-forward tables shared by every layer (built once, not once per layer): rotary cos/sin per work dtype
+    # as (B, 1, n, D), and the attention mask (B, 1, 1 or n, Lk).
+    cache: dict = field(default_factory=dict)
+
+    def rotary(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin as (B, 1, n, D) in ``dtype``."""
+        if dtype not in self.cache:
+            self.cache[dtype] = (self.cos[:, None].to(dtype), self.sin[:, None].to(dtype))
+        return self.cache[dtype]
+
+    def attn_mask(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Which keys each query may attend: the key-padding mask, ANDed with ``extra_mask`` when given. With a
+        ``dtype``, as the additive mask SDPA would build from it on every call (0 / −inf), built once here."""
+        if "mask" not in self.cache:
+            mask = self.key_valid[:, None, None, :]
+            if self.extra_mask is not None:
+                mask = mask & self.extra_mask[:, None]
+            self.cache["mask"] = mask
+        if dtype is None:
+            return self.cache["mask"]
+        if ("additive", dtype) not in self.cache:
+            zero = torch.zeros((), dtype=dtype, device=self.key_valid.device)
+            self.cache[("additive", dtype)] = torch.where(self.cache["mask"], zero, float("-inf"))
+        return self.cache[("additive", dtype)]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor,
-              want_probs: bool, extra_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Bidirectional attention of q (B, H, n, D) over k/v (B, Hkv, Lk, D) with a key-padding mask (B, Lk).
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+              want_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Bidirectional attention of q (B, H, n, D) over k/v (B, Hkv, Lk, D) with a key mask (B, 1, 1 or n, Lk).
 
     Only keys are masked, never query rows, so no row is ever fully masked (no NaN from pad rows).
     With ``want_probs`` the probabilities are computed explicitly for these queries (d2Cache's rollout needs
     them); otherwise SDPA runs, with GQA handled by the kernel instead of repeating K/V heads.
-    ``extra_mask`` (B or 1, n, Lk): an optional per-query key mask ANDed with ``key_valid``; the caller keeps
-    at least one key per query (WINO's shadow queries always see the prompt).
+    The mask is :meth:`ForwardContext.attn_mask` (boolean with ``want_probs``, else additive): key padding, ANDed
+    with an optional per-query mask whose caller keeps at least one key per query (WINO's shadow queries always
+    see the prompt).
     """
-    mask = key_valid[:, None, None, :]
-    if extra_mask is not None:
-        mask = mask & extra_mask[:, None]
     if not want_probs:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
         return out, None
@@ -180,7 +210,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torc
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-1, -2)) / (q.shape[-1] ** 0.5)
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~mask, float("-inf"))  # want_probs: a boolean mask
     probs = torch.softmax(scores, dim=-1)
     return probs @ v, probs
 
@@ -192,12 +222,14 @@ def attention_sublayer(layer: nn.Module, normed: torch.Tensor, ctx: ForwardConte
     q = q.view(batch, n, -1, layer.head_dim).transpose(1, 2)
     k = k.view(batch, n, -1, layer.head_dim).transpose(1, 2)
     v = v.view(batch, n, -1, layer.head_dim).transpose(1, 2)
-    cos, sin = ctx.cos[:, None], ctx.sin[:, None]
+    work = q.dtype if layer.rotate_in_model_dtype else compute_dtype(q.dtype)
+    cos, sin = ctx.rotary(work)
     q = apply_rotary(q, cos, sin, layer.rotate_in_model_dtype)
     k = apply_rotary(k, cos, sin, layer.rotate_in_model_dtype)
     if ctx.kv is not None:
         k, v = ctx.kv.update(index, ctx.fed_idx, k, v)
-    out, probs = attention(q, k, v, ctx.key_valid, ctx.want_attn_probs, ctx.extra_mask)
+    mask = ctx.attn_mask(None if ctx.want_attn_probs else q.dtype)
+    out, probs = attention(q, k, v, mask, ctx.want_attn_probs)
     if probs is not None:
         ctx.attn_probs.append(probs)
     out = out.transpose(1, 2).reshape(batch, n, -1)

@@ -43,6 +43,8 @@ class DecodeState:
     fed_positions: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
     refreshes: int = 0
     schedule: BlockSchedule | None = None  # the current block's transfer counts (set by the loop)
+    capture_blocker: str | None = None  # compile=True: why this call runs eagerly (None = captured)
+    capture_stats: dict = field(default_factory=dict)  # compile time of new shapes, excluded from wall time
 
     @property
     def batch(self) -> int:

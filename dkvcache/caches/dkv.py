@@ -199,6 +199,14 @@ class PrefillDecodedCache(_ShiftRuleCache):
         return StepPlan(fed_mask=~self.cached_now, use_kv=True)
 
 
+def _set_where(mask: torch.Tensor, positions: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``mask`` (B, L) with ``positions`` (B, k) set where ``where`` (B, k): a scatter, no host sync."""
+    length = mask.shape[1]
+    padded = torch.cat([mask, mask.new_zeros(mask.shape[0], 1)], dim=1)
+    padded.scatter_(1, positions.masked_fill(~where, length), True)
+    return padded[:, :length]
+
+
 @register_strategy
 class GreedyCache(CacheStrategy):
     """dKV-Cache-Greedy (LLaDA): a pre-drawn order per block; cached steps feed only the active set."""
@@ -270,12 +278,10 @@ class GreedyCache(CacheStrategy):
         ranked = self.priority.masked_fill(~still, float("-inf"))
         order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
         count = schedule.quota[:, i + 1]
-        width = int(count.max().item())
+        width = min(state.block_end - state.block_start, order.shape[1])  # ≥ any count, known without a sync
         upcoming = order[:, :width]
         upcoming_valid = torch.arange(width, device=order.device)[None, :] < count[:, None]
-        active = just_decoded.clone()
-        rows = torch.arange(state.batch, device=order.device)[:, None].expand(-1, width)
-        active[rows[upcoming_valid], upcoming[upcoming_valid]] = True
+        active = _set_where(just_decoded, upcoming, upcoming_valid)
         if self.window > 0:
             active = self._add_windows(active, upcoming, upcoming_valid, masked_before)
         self.active = active
@@ -287,14 +293,13 @@ class GreedyCache(CacheStrategy):
         batch, length = active.shape
         distance = torch.arange(1, length, device=active.device)
         offsets = torch.stack([-distance, distance], dim=1).reshape(-1)  # -1, +1, -2, +2, ...
-        rows = torch.arange(batch, device=active.device)[:, None]
-        for k in range(centres.shape[1]):  # one pass per token of the step (vectorised over rows)
+        for k in range(centres.shape[1]):  # one pass per token slot of the step (vectorised over rows)
             probe = centres[:, k:k + 1] + offsets[None, :]
             inside = (probe >= 0) & (probe < length)
             probe_safe = probe.clamp(0, length - 1)
             eligible = inside & eligible_base.gather(1, probe_safe) & ~active.gather(1, probe_safe)
             take = eligible & (eligible.long().cumsum(1) <= self.window) & centres_valid[:, k:k + 1]
-            active[rows.expand_as(probe)[take], probe_safe[take]] = True
+            active = _set_where(active, probe_safe, take)
         return active
 
     def stats(self) -> dict:

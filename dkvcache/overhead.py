@@ -1,0 +1,191 @@
+"""Per-step overhead of every strategy at batch 1: eager vs ``compile=True``, dispatcher calls, host reads.
+
+    python -m dkvcache.overhead                       # the shipped tiny checkpoints, CPU
+    python -m dkvcache.bench --overhead [--json F]    # the same
+
+For each checkpoint and strategy: ms per step eager and compiled (min of ``--repeats`` timed runs after a
+warm-up; compile time reported apart), aten calls per step (``torch.profiler``, views included) and per layer of
+the model forward, host reads per step (``.item()``, ``.tolist()``, ``bool(tensor)`` … counted with a
+``TorchFunctionMode``: each is a device synchronisation on CUDA), and the same counts for a plain transformers
+``Qwen2ForCausalLM`` / ``LlamaForCausalLM`` forward of the same size over the whole sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from dkvcache.loading import load_model
+
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "none": {},
+    "decoded": {"use_cache": True, "cache_type": "decoded", "cache_steps": 4},
+    "prefill": {"use_cache": True, "cache_type": "prefill"},
+    "pd": {"use_cache": True, "cache_type": "pd", "cache_steps": 4},
+    "prefix": {"use_cache": True, "cache_type": "prefix", "block_length": 32},
+    "dual": {"use_cache": True, "cache_type": "dual", "block_length": 32},
+    "dllm": {"use_cache": True, "cache_type": "dllm"},
+    "d2": {"use_cache": True, "cache_type": "d2"},
+}
+FORWARD_SCOPE = "dkvcache.forward"
+_HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+               torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero}
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the calls that copy a tensor's value to the host (a device synchronisation on CUDA)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _HOST_READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def count_host_reads() -> Iterator[HostReads]:
+    """``with count_host_reads() as reads: …; reads.count``."""
+    mode = HostReads()
+    with mode:
+        yield mode
+
+
+def _aten_counts(fn) -> tuple[int, int]:
+    """(all aten calls, aten calls inside the model forwards) of one call of ``fn``."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.events()
+    total = sum(e.name.startswith("aten::") for e in events)
+    scopes = [e for e in events if e.name == FORWARD_SCOPE]
+    inside = sum(1 for e in events if e.name.startswith("aten::")
+                 and any(s.time_range.start <= e.time_range.start and e.time_range.end <= s.time_range.end
+                         for s in scopes))
+    return total, inside
+
+
+def _min_time(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(model: Any, ids: torch.Tensor, strategy: str, gen: int, repeats: int) -> dict[str, Any]:
+    """One strategy on one model: eager and compiled ms/step, calls, host reads."""
+    kwargs = dict(max_new_tokens=gen, steps=gen, alg="maskgit_plus", return_dict_in_generate=True,
+                  **STRATEGIES[strategy])
+
+    def run(**extra: Any) -> Any:
+        return model.diffusion_generate(ids, **kwargs, **extra)
+
+    warm = run()
+    steps = warm.stats["steps"]
+    eager = _min_time(run, repeats) / steps
+    first = run(compile=True)  # compiles every new shape; its compile time is reported apart
+    compiled = _min_time(lambda: run(compile=True), repeats) / steps
+    with count_host_reads() as reads:
+        run()
+    total, inside = _aten_counts(run)
+    layers = model.num_layers
+    return {"strategy": strategy, "steps": steps, "eager_ms_per_step": 1000 * eager,
+            "compiled_ms_per_step": 1000 * compiled, "compiled": first.stats["compiled"],
+            "compile_s": first.stats["compile_s"], "compiled_shapes": first.stats["compiled_shapes"],
+            "speedup_compiled": eager / compiled, "aten_per_step": total / steps,
+            "aten_per_layer": inside / (steps * layers), "host_reads_per_step": reads.count / steps,
+            "fed_fraction": warm.stats["fed_fraction"]}
+
+
+def transformers_reference(model: Any, length: int) -> dict[str, Any]:
+    """The same-size plain transformers model (Qwen2 for Dream, Llama for LLaDA): one forward over ``length``."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    c = model.config
+    dream = model.diffusion_family == "dream"
+    common = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size if dream else c.d_model,
+                  intermediate_size=c.intermediate_size if dream else c.mlp_hidden_size,
+                  num_hidden_layers=model.num_layers, num_attention_heads=c.num_attention_heads if dream else c.n_heads,
+                  num_key_value_heads=c.num_key_value_heads if dream else c.n_kv_heads, attn_implementation="sdpa")
+    ref = (Qwen2ForCausalLM(Qwen2Config(**common)) if dream else LlamaForCausalLM(LlamaConfig(**common))).eval()
+    ids = torch.randint(0, c.vocab_size, (1, length))
+
+    def forward() -> None:
+        with record_function(FORWARD_SCOPE):
+            ref.model(input_ids=ids)
+
+    forward()
+    total, inside = _aten_counts(forward)
+    return {"name": type(ref).__name__, "ms_per_forward": 1000 * _min_time(forward, 20),
+            "aten_per_forward": total, "aten_per_layer": inside / model.num_layers}
+
+
+def run(paths: list[str], prompt: int, gen: int, repeats: int, threads: int) -> dict[str, Any]:
+    """Every strategy on every checkpoint; returns the report (also printed as markdown)."""
+    from dkvcache.bench import environment
+
+    torch.set_num_threads(threads)
+    report: dict[str, Any] = {"environment": environment(torch.device("cpu"), []), "prompt": prompt, "gen": gen,
+                              "batch": 1, "threads": threads, "models": {}}
+    for path in paths:
+        model = load_model(path, dtype="float32")
+        special = [getattr(model.config, n, None) or 0 for n in ("mask_token_id", "pad_token_id", "eos_token_id")]
+        low = max(special) + 1  # ordinary tokens only (the tiny checkpoints keep their special ids low)
+        ids = torch.randint(low, low + 64, (1, prompt), generator=torch.Generator().manual_seed(0))
+        rows = []
+        with torch.no_grad():
+            for strategy in STRATEGIES:
+                rows.append(measure(model, ids, strategy, gen, repeats))
+                print(_row(rows[-1]), flush=True)
+            reference = transformers_reference(model, prompt + gen)
+        report["models"][path] = {"rows": rows, "transformers": reference}
+        print(_table(path, rows, reference))
+    return report
+
+
+def _row(r: dict[str, Any]) -> str:
+    return (f"| {r['strategy']} | {r['eager_ms_per_step']:.2f} | {r['compiled_ms_per_step']:.2f}"
+            f"{'' if r['compiled'] else ' (eager)'} | {r['speedup_compiled']:.2f}× | {r['compile_s']:.1f} | "
+            f"{r['aten_per_step']:.0f} | {r['aten_per_layer']:.0f} | {r['host_reads_per_step']:.2f} | "
+            f"{r['fed_fraction']:.3f} |")
+
+
+def _table(path: str, rows: list[dict[str, Any]], reference: dict[str, Any]) -> str:
+    head = (f"\n{path}, batch 1:\n\n| strategy | eager ms/step | compiled ms/step | compiled speed-up | compile s | "
+            "aten calls/step | aten calls/layer | host reads/step | fed |\n|---|---|---|---|---|---|---|---|---|")
+    ref = (f"\ntransformers {reference['name']} of the same size, one forward over the whole sequence: "
+           f"{reference['ms_per_forward']:.2f} ms, {reference['aten_per_forward']} aten calls, "
+           f"{reference['aten_per_layer']:.0f} per layer")
+    return "\n".join([head, *(_row(r) for r in rows), ref])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``python -m dkvcache.overhead [--model DIR …] [--json FILE]``."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", help="checkpoint (default: assets/tiny-dream, assets/tiny-llada)")
+    parser.add_argument("--prompt-len", type=int, default=40)
+    parser.add_argument("--gen-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="write the report here")
+    args = parser.parse_args(argv)
+    paths = args.model or ["assets/tiny-dream", "assets/tiny-llada"]
+    report = run(paths, args.prompt_len, args.gen_len, args.repeats, args.threads)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

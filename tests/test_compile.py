@@ -1,0 +1,139 @@
+"""compile=True and the static step: same tokens as eager, one graph per shape, at most one host read per step."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from dkvcache import capture, overhead
+from dkvcache.indexing import bucket, fixed_indices, ragged_indices
+from tests.conftest import left_pad, random_prompts, tiny_dream, tiny_llada
+
+PROMPTS = [random_prompts(1, 8, seed=51)[0], random_prompts(1, 3, seed=52)[0], random_prompts(1, 6, seed=53)[0]]
+MODELS = {"dream": lambda: tiny_dream(seed=11), "llada": lambda: tiny_llada(seed=12)}
+CAPTURED = {
+    "none": {},
+    "decoded": dict(use_cache=True, cache_type="decoded", cache_steps=3),
+    "prefill": dict(use_cache=True, cache_type="prefill"),
+    "pd": dict(use_cache=True, cache_type="pd", cache_steps=3),
+    "prefix": dict(use_cache=True, cache_type="prefix"),
+    "dual": dict(use_cache=True, cache_type="dual"),
+}
+EAGER_ONLY = {"dllm": dict(use_cache=True, cache_type="dllm", kp=3, kr=2), "d2": dict(use_cache=True, cache_type="d2")}
+THRESHOLD = {"dream": 0.1, "llada": 0.04}  # rows finish blocks at different steps on these prompts
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {family: make() for family, make in MODELS.items()}
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    """Graph capture without code generation: the same traced graph in a fraction of inductor's compile time."""
+    monkeypatch.setattr(capture, "BACKEND", "aot_eager")
+
+
+def _gen(model, ids, mask=None, **kwargs):
+    kwargs = dict(max_new_tokens=12, steps=12, block_length=4, alg="maskgit_plus", return_dict_in_generate=True,
+                  **kwargs)
+    return model.diffusion_generate(ids, attention_mask=mask, **kwargs)
+
+
+@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("strategy", CAPTURED)
+def test_compiled_equals_eager(models, aot_eager, family, strategy):
+    """Every capturable strategy, left-padded batch, one token a step and under a threshold."""
+    model = models[family]
+    ids, mask = left_pad(PROMPTS)
+    for extra in ({}, {"threshold": THRESHOLD[family]}):
+        eager = _gen(model, ids, mask, **CAPTURED[strategy], **extra)
+        compiled = _gen(model, ids, mask, compile=True, **CAPTURED[strategy], **extra)
+        assert torch.equal(eager.sequences, compiled.sequences), extra
+        assert compiled.stats["compiled"] and compiled.stats["forwards"] == eager.stats["forwards"]
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_inductor_compiles_the_dual_step(models, family):
+    """The real backend (inductor code generation) on one strategy per family: same tokens, compile time
+    reported apart, and a second call reuses the compiled shapes."""
+    model = models[family]
+    ids = PROMPTS[0][None]
+    eager = _gen(model, ids, **CAPTURED["dual"])
+    first = _gen(model, ids, compile=True, **CAPTURED["dual"])
+    again = _gen(model, ids, compile=True, **CAPTURED["dual"])
+    assert torch.equal(eager.sequences, first.sequences) and torch.equal(eager.sequences, again.sequences)
+    assert first.stats["compiled_shapes"] >= 1 and first.stats["compile_s"] > 0
+    assert again.stats["compiled_shapes"] == 0 and again.stats["compile_s"] == 0.0
+
+
+@pytest.mark.parametrize("strategy", EAGER_ONLY)
+def test_uncapturable_strategies_fall_back_with_a_notice(models, aot_eager, strategy, monkeypatch):
+    monkeypatch.setattr(capture, "_NOTICED", set())
+    model = models["llada"]
+    ids = PROMPTS[0][None]
+    with pytest.warns(UserWarning, match=f"running eagerly because cache_type={strategy!r}"):
+        out = _gen(model, ids, compile=True, **EAGER_ONLY[strategy])
+    assert out.stats["compiled"] is False
+    assert torch.equal(out.sequences, _gen(model, ids, **EAGER_ONLY[strategy]).sequences)
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_layer_stack_traces_into_one_graph(models, family):
+    """torch._dynamo captures the whole partial forward with no graph break, with and without K/V buffers."""
+    model = models[family]
+    length = 10
+    ids = torch.randint(0, 60, (2, length))
+    positions = torch.arange(length).expand(2, -1)
+    valid = torch.ones(2, length, dtype=torch.bool)
+    kv = model.allocate_kv(2, length)
+    fed = torch.tensor([[3, 4, 5, length], [2, 6, length, length]])
+    with torch.no_grad():
+        for call in (lambda: model.partial_forward(ids, positions, valid),
+                     lambda: model.partial_forward(ids, positions, valid, fed_idx=fed, kv=kv)):
+            explained = torch._dynamo.explain(call)()
+            assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+@pytest.mark.parametrize("family,strategy", [(f, s) for f in MODELS for s in CAPTURED] + [("llada", "greedy")])
+def test_at_most_one_host_read_per_step(models, family, strategy):
+    """The step's one synchronisation (the candidate and fed widths) plus a few per call (stats)."""
+    kwargs = dict(CAPTURED.get(strategy, dict(use_cache=True, cache_type="greedy", remasking="random")))
+    if strategy == "greedy":
+        kwargs.pop("alg", None)
+    model = models[family]
+    ids, mask = left_pad(PROMPTS)
+    with overhead.count_host_reads() as reads:
+        out = model.diffusion_generate(ids, attention_mask=mask, max_new_tokens=12, steps=12, block_length=4,
+                                       return_dict_in_generate=True,
+                                       **({"alg": "maskgit_plus"} if strategy != "greedy" else {}), **kwargs)
+    per_call = 8  # input checks (4), row seeds (1), stats (3); everything else is the step's one read
+    assert reads.count <= out.stats["steps"] + per_call, reads.count
+
+
+def test_host_read_counter_counts():
+    with overhead.count_host_reads() as reads:
+        t = torch.arange(4)
+        t.tolist(), t[0].item(), bool(t.any())
+    assert reads.count == 3
+
+
+def test_bucket_and_fixed_indices():
+    assert [bucket(n, 40) for n in (0, 1, 2, 3, 5, 17, 33, 40)] == [0, 1, 2, 4, 8, 32, 40, 40]
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(4, 13, generator=gen) < 0.4
+    ragged, valid = ragged_indices(mask, pad_value=13)
+    fixed, fixed_valid = fixed_indices(mask, bucket(ragged.shape[1], 13), pad_value=13)
+    assert torch.equal(fixed[:, : ragged.shape[1]], ragged) and (fixed[:, ragged.shape[1]:] == 13).all()
+    assert torch.equal(fixed_valid[:, : ragged.shape[1]], valid)
+
+
+def test_overhead_report_runs(models, aot_eager):
+    row = overhead.measure(models["dream"], PROMPTS[0][None], "dual", gen=32, repeats=1)
+    assert row["compiled"] and row["aten_per_step"] > row["aten_per_layer"] > 0
+    assert 0 < row["host_reads_per_step"] <= 2 and 0 < row["fed_fraction"] < 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert overhead.measure(models["dream"], PROMPTS[0][None], "dllm", gen=32, repeats=1)["compiled"] is False
