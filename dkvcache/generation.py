@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch.profiler import record_function
+from tqdm.auto import tqdm
 from transformers.utils import ModelOutput
 
 from dkvcache import caches, capture
@@ -22,7 +23,7 @@ from dkvcache.decoders import Decoder, StepView, make_decoder
 from dkvcache.density import certainty_prior
 from dkvcache.indexing import bucket, fixed_indices, scatter_rows, slots_of
 from dkvcache.options import GenerationOptions
-from dkvcache.resolve import resolve
+from dkvcache.resolve import check_inputs_fit, resolve
 from dkvcache.rng import resolve_row_seeds
 from dkvcache.sampling import FAMILIES, propose_tokens
 from dkvcache.schedule import BlockSchedule
@@ -112,6 +113,7 @@ def generate(model: Any, inputs: torch.Tensor | None, generation_config: Any = N
     _check_inputs(inputs, attention_mask)
     family = FAMILIES[model.diffusion_family]
     opts = resolve(model, inputs.shape[1], generation_config, **kwargs)
+    check_inputs_fit(model, inputs, opts)
     strategy = caches.get_strategy(opts.cache_type)(**opts.cache_options)
     decoder = make_decoder(opts, family, model)
     state = _build_state(model, family, opts, inputs, attention_mask)
@@ -145,6 +147,8 @@ def _denoise(state: DecodeState, strategy: caches.CacheStrategy,
         state.capture_blocker = capture.blocker(strategy, type(decoder).extension is not Decoder.extension, opts)
         if state.capture_blocker is not None:
             capture.notice(state.capture_blocker)
+    bar = tqdm(total=None if opts.rule_decides else opts.steps, desc="denoising", unit="step", leave=False,
+               disable=not opts.progress, dynamic_ncols=True)
     for block_index, (block_start, block_end, steps) in enumerate(_blocks(state)):
         state.block_index = block_index
         state.block_start, state.block_end, state.steps_in_block = block_start, block_end, steps
@@ -157,6 +161,7 @@ def _denoise(state: DecodeState, strategy: caches.CacheStrategy,
             if not _step(state, strategy, decoder):
                 break
             state.global_step += 1
+            bar.update(1)
             if opts.output_history:
                 history.append(state.x.clone())
         else:
@@ -168,6 +173,7 @@ def _denoise(state: DecodeState, strategy: caches.CacheStrategy,
             tail = state.x[:, block_end:]
             state.x[:, block_end:] = torch.where(tail == opts.mask_token_id, opts.eos_token_id, tail)
             break
+    bar.close()
     if state.x.device.type == "cuda":
         torch.cuda.synchronize(state.x.device)
     seconds = time.perf_counter() - start_time - state.capture_stats.get("compile_s", 0.0)

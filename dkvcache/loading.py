@@ -4,7 +4,10 @@ example scripts.
 :func:`load_model` imports the top-level ``models`` package first (which registers Dream and LLaDA with the
 transformers Auto classes), reads ``config.json`` and instantiates our class for its ``model_type``, so a local
 checkpoint directory -- the shipped ``assets/tiny-dream`` and ``assets/tiny-llada`` included, whose config.json
-carries the original ``auto_map`` -- opens offline and never stops at a ``trust_remote_code`` prompt.
+carries the original ``auto_map`` -- opens offline and never stops at a ``trust_remote_code`` prompt: every call
+into transformers passes ``trust_remote_code=False``, and a ``model_type`` other than Dream's or LLaDA's is a
+TypeError before transformers looks at ``auto_map``. The config is checked (:mod:`models.checkpoint`) before any
+weight is allocated, and a truncated safetensors file is an OSError that names it.
 """
 
 from __future__ import annotations
@@ -48,27 +51,50 @@ def model_classes() -> dict[str, type]:
     return {models.DreamConfig.model_type: models.DreamModel, models.LLaDAConfig.model_type: models.LLaDAModelLM}
 
 
+def load_config(path_or_id: str | os.PathLike[str]) -> tuple[Any, type]:
+    """``(config, model class)`` of a checkpoint from its config.json alone (no weights, no remote code).
+
+    TypeError when ``model_type`` is not Dream's or LLaDA's (before transformers looks at ``auto_map``, so no
+    ``trust_remote_code`` prompt), ValueError naming config.json when a field is missing or of the other family
+    (see :mod:`models.checkpoint`), OSError when config.json cannot be read.
+    """
+    from transformers import PreTrainedConfig
+
+    classes = model_classes()
+    local = resolve_model_path(path_or_id)
+    where = os.path.join(local, "config.json") if os.path.isdir(local) else f"{os.fspath(path_or_id)} (config.json)"
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(local)
+    except (ValueError, UnicodeDecodeError) as err:  # transformers: "... is not a valid JSON file"
+        raise OSError(f"{where}: not a readable config.json ({err})") from err
+    model_type = config_dict.get("model_type")
+    cls = classes.get(model_type)
+    if cls is None:
+        raise TypeError(f"{where}: model_type={model_type!r} is not a Dream/LLaDA diffusion model; allowed: "
+                        f"{sorted(classes)} (no remote code is run)")
+    try:
+        config = cls.config_class.from_dict(config_dict)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+    return config, cls
+
+
 def load_model(path_or_id: str | os.PathLike[str], dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu", family: str | None = None) -> Any:
     """A Dream or LLaDA model from a checkpoint directory or Hub id, in ``dtype`` on ``device``, in eval mode.
 
     The class comes from config.json's ``model_type`` (no remote code, works offline on a local directory).
-    ``family`` (``"dream"`` / ``"llada"``), when given, must match the checkpoint's. Raises TypeError for a
-    checkpoint that is not a Dream/LLaDA model (before reading its weights) and OSError when it cannot be read.
+    ``family`` (``"dream"`` / ``"llada"``), when given, must match the checkpoint's. Raises, before reading any
+    weight: TypeError for a checkpoint that is not a Dream/LLaDA model, ValueError for a config.json that lacks a
+    field (``mask_token_id`` …) or holds the other family's fields, OSError when it cannot be read (a truncated
+    safetensors file included, named).
     """
-    from transformers import AutoConfig
-
-    classes = model_classes()  # imports ``models`` first: AutoConfig then knows Dream and LLaDA
     torch_dtype = resolve_dtype(dtype)
     local = resolve_model_path(path_or_id)
-    config = AutoConfig.from_pretrained(local)
-    cls = classes.get(config.model_type)
-    if cls is None:
-        raise TypeError(f"{os.fspath(path_or_id)!r} is a {config.model_type!r} checkpoint, not a Dream/LLaDA "
-                        f"diffusion model (model_type one of {sorted(classes)})")
+    config, cls = load_config(local)
     if family is not None and cls.diffusion_family != family:
         raise TypeError(f"{os.fspath(path_or_id)!r} is a {cls.diffusion_family} checkpoint; expected {family}")
-    model = cls.from_pretrained(local, config=config, dtype=torch_dtype)
+    model = cls.from_pretrained(local, config=config, dtype=torch_dtype, trust_remote_code=False)
     return model.to(device).eval()
 
 
@@ -86,7 +112,7 @@ def load_tokenizer(path_or_id: str | os.PathLike[str], required: bool = True) ->
         if required:
             raise OSError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {local!r}")
         return None
-    return AutoTokenizer.from_pretrained(local)
+    return AutoTokenizer.from_pretrained(local, trust_remote_code=False)
 
 
 def load_model_and_tokenizer(path_or_id: str | os.PathLike[str], dtype: str | torch.dtype = "float32",

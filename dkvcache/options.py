@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from dkvcache.sampling import ALGS, FACTOR_RULES, REMASKING_ALIASES
-from dkvcache.validate import check_bool, check_int, check_number, fail
+from dkvcache.validate import check_bool, check_int, check_number, check_seed, fail
 
 
 @dataclass
@@ -30,6 +30,7 @@ class GenerationOptions:
     original code's behaviour); the default ``"paper"`` stops at the first failure. With threshold/factor and
     no ``alg``, Dream uses ``"maskgit_plus"``. ``alg="confidence_threshold"`` (Fast-dLLM's Dream name) is
     ``alg="maskgit_plus"`` with ``threshold`` defaulting to 0.9.
+    ``progress=True``: a tqdm bar over the denoising steps (off by default; the example scripts turn it on).
     ``compile=True``: the model forward of each step compiled per shape (``torch.compile``; CUDA graphs on
     CUDA); compile time is reported as ``stats["compile_s"]``. Strategies or decoders that cannot be captured
     run eagerly with a one-line notice (see ``dkvcache.capture``).
@@ -60,6 +61,7 @@ class GenerationOptions:
     factor: float | None = None
     schedule_floor: bool = False
     compile: bool = False
+    progress: bool = False
     factor_rule: str = "paper"
     sigma: float | None = None
     logits_eos_inf: bool = False
@@ -113,6 +115,10 @@ class GenerationOptions:
         """The parallel rule alone decides each step's transfers: no step schedule, a block runs until done."""
         return self.parallel and not self.schedule_floor
 
+
+# temperature / cfg_scale beyond this are numerically meaningless (a 1e6 temperature is already uniform) and
+# overflow float32 logits arithmetic into NaN, which decoded nothing.
+MAX_SCALE = 1e6
 
 _FAMILY_DEFAULTS = {
     "dream": {"max_new_tokens": 20, "steps": 512, "alg": "origin"},
@@ -209,11 +215,11 @@ def _validate(opts: GenerationOptions) -> None:
     check_int("block_length", opts.block_length, 1, allow_none=True)
     if opts.alg not in ALGS:
         raise fail("alg", opts.alg, repr(list(ALGS)) + " (or remasking in ['low_confidence', 'random'])")
-    check_number("temperature", opts.temperature, 0.0, float("inf"))
+    check_number("temperature", opts.temperature, 0.0, MAX_SCALE)
     check_number("top_p", opts.top_p, 0.0, 1.0, allow_none=True, low_open=True)
     check_int("top_k", opts.top_k, 1, allow_none=True)
     check_number("alg_temp", opts.alg_temp, 0.0, float("inf"), allow_none=True)
-    check_number("cfg_scale", opts.cfg_scale, 0.0, float("inf"))
+    check_number("cfg_scale", opts.cfg_scale, 0.0, MAX_SCALE)
     check_number("threshold", opts.threshold, float("-inf"), float("inf"), allow_none=True)
     check_number("factor", opts.factor, 0.0, float("inf"), allow_none=True, low_open=True)
     if (opts.threshold is not None or opts.factor is not None) and opts.alg in ("origin", "entropy"):
@@ -229,7 +235,7 @@ def _validate(opts: GenerationOptions) -> None:
         raise fail("factor_rule", opts.factor_rule, repr(list(FACTOR_RULES)))
     check_int("num_return_sequences", opts.num_return_sequences, 1)
     for name in ("logits_eos_inf", "confidence_eos_eot_inf", "output_history", "return_dict_in_generate",
-                 "eos_early_stop", "full_logits", "use_cache", "schedule_floor", "compile"):
+                 "eos_early_stop", "full_logits", "use_cache", "schedule_floor", "compile", "progress"):
         check_bool(name, getattr(opts, name))
     if opts.mask_token_id is None:
         raise ValueError("diffusion_generate: mask_token_id is unknown; set it in the model config or pass it")
@@ -252,8 +258,7 @@ def _validate(opts: GenerationOptions) -> None:
             raise TypeError(f"diffusion_generate: {name} must be callable, got {type(hook).__name__}")
     if opts.generator is not None and not isinstance(opts.generator, torch.Generator):
         raise TypeError(f"diffusion_generate: generator must be a torch.Generator, got {type(opts.generator).__name__}")
-    if opts.seed is not None and not isinstance(opts.seed, (int, list, tuple)):
-        raise TypeError(f"diffusion_generate: seed must be an int or a list of ints, got {opts.seed!r}")
+    check_seed(opts.seed)
 
 
 def _validate_decoding(opts: GenerationOptions, knobs_by_decoding: dict[str, dict[str, Any]]) -> None:

@@ -7,6 +7,7 @@ Every message starts with ``diffusion_generate:`` and names the argument and wha
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,12 +30,15 @@ def check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> 
 
 
 def check_number(name: str, value: Any, low: float, high: float, allow_none: bool = False,
-                 low_open: bool = False) -> None:
-    """A real number in [low, high] (or (low, high] with ``low_open``); NaN never passes."""
+                 low_open: bool = False, finite: bool = True) -> None:
+    """A real number in [low, high] (or (low, high] with ``low_open``); NaN never passes, ±inf only with
+    ``finite=False``."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{PREFIX}{name} must be a number, got {type(value).__name__} {value!r}")
+    if finite and not math.isfinite(value):
+        raise fail(name, value, f"a finite number in {'(' if low_open else '['}{low}, {high}]")
     if not (low < value if low_open else low <= value) or not value <= high:
         raise fail(name, value, f"a number in {'(' if low_open else '['}{low}, {high}]")
 
@@ -50,3 +54,19 @@ def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
     allowed = list(allowed)
     if value not in allowed:
         raise fail(name, value, repr(allowed))
+
+
+SEED_RANGE = 2**63
+
+
+def check_seed(value: Any) -> None:
+    """``seed``: an int in [0, 2**63) or a list/tuple of such ints (one per row)."""
+    if value is None:
+        return
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise TypeError(f"{PREFIX}seed must be an int in [0, 2**63) or a list of such ints (one per row), got "
+                            f"{value!r}")
+        if not 0 <= item < SEED_RANGE:
+            raise fail("seed", value, "an int in [0, 2**63) or a list of such ints (one per row)")

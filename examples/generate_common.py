@@ -78,7 +78,11 @@ def _random_model(cls: Any, seed: int) -> Any:
 
 
 def load(cls: Any, args: argparse.Namespace) -> tuple[Any, Any, torch.device]:
-    """(model, tokenizer or None, device)."""
+    """(model, tokenizer or None, device). transformers' per-load "Loading weights" bar is silenced: the
+    scripts print their own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     dtype = getattr(torch, args.dtype)
@@ -118,7 +122,7 @@ def run(model: Any, tokenizer: Any, device: torch.device, prompts: list[str] | N
     count = len(prompts) if prompts is not None else args.num_prompts
     tokens = forwards_rows = correct = 0
     fed, seconds = [], 0.0
-    for start in tqdm(range(0, count, args.batch_size), desc=label, unit="batch", leave=False):
+    for start in tqdm(range(0, count, args.batch_size), desc=label, unit="batch", leave=False, disable=None):
         size = min(args.batch_size, count - start)
         if prompts is not None and tokenizer is not None:
             ids, mask = encode(tokenizer, prompts[start:start + size], device)
@@ -135,9 +139,9 @@ def run(model: Any, tokenizer: Any, device: torch.device, prompts: list[str] | N
             answer = tokenizer.decode(row[:n], skip_special_tokens=True) if tokenizer else row[:n].tolist()
             if answers is not None and tokenizer is not None:
                 correct += is_correct(answer, answers[start + i])
-            if show:
+            if show:  # tqdm.write keeps the batch bar from running into the answers
                 question = prompts[start + i] if prompts is not None else "(random prompt ids)"
-                print(f"\n>>> {question}\n{answer}")
+                tqdm.write(f"\n>>> {question}\n{answer}")
     totals = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
               "tokens_per_forward": tokens / max(forwards_rows, 1), "fed_fraction": sum(fed) / len(fed)}
     if answers is not None and tokenizer is not None:
@@ -170,6 +174,7 @@ def main_loop(cls: Any, args: argparse.Namespace, kwargs: dict[str, Any], label:
     plain = {k: v for k, v in kwargs.items() if k not in ("use_cache", "cache_type", "cache_steps", "shift_type",
                                                          "window_size")}
     if args.compare:  # warm both settings up on one batch so neither pays first-call costs in the timing
+        print("warm-up (untimed): one batch with each setting, so neither pays first-call costs in the timing")
         warm = argparse.Namespace(**{**vars(args), "num_prompts": min(args.batch_size, args.num_prompts)})
         for setting in (kwargs, plain):
             run(model, tokenizer, device, prompts and prompts[: warm.num_prompts], warm, setting, "warm-up", False)
@@ -182,4 +187,6 @@ def main_loop(cls: Any, args: argparse.Namespace, kwargs: dict[str, Any], label:
         print(f"speed-up of {label} vs no cache: {base['seconds'] / max(totals['seconds'], 1e-9):.2f}x "
               "(same prompts, same process)")
     print(f"peak memory: {peak_memory(device)}")
+    print("fed fraction = positions run through the model ÷ positions a no-cache step would run (lower = more "
+          "cached)")
     return 0

@@ -6,12 +6,22 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+from models.checkpoint import check_config_dict
+
+# What a Dream config.json must set: their defaults are Dream-7B's, wrong for any other checkpoint.
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "mask_token_id")
+LLADA_FIELDS = ("d_model", "n_heads", "n_layers", "n_kv_heads", "mlp_hidden_size", "block_type")
+
 
 class DreamConfig(PreTrainedConfig):
     """Config of ``Dream-org/Dream-v0-{Base,Instruct}-7B``; defaults are the original class defaults.
 
     ``mask_token_id`` is the diffusion MASK token (151666 for the Hub models). Everything the loader needs is in
     the checkpoint's config.json; unknown extra fields (``auto_map``, ``sliding_window`` …) are kept as is.
+    A checkpoint's config.json (:meth:`from_dict`, used by ``from_pretrained`` and the Auto classes) must have
+    ``model_type`` "Dream" (or none) and set :data:`REQUIRED_FIELDS`; otherwise ValueError, before any weight is
+    allocated.
     """
 
     model_type = "Dream"
@@ -64,6 +74,12 @@ class DreamConfig(PreTrainedConfig):
         if hidden_act != "silu":
             raise ValueError(f"DreamConfig: hidden_act={hidden_act!r} is not supported; allowed: 'silu'")
         super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        check_config_dict(config_dict, kwargs, cls.__name__, cls.model_type, REQUIRED_FIELDS,
+                          ("llada", "LLaDAModelLM", LLADA_FIELDS), "vocab_size")
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def head_dim(self) -> int:

@@ -6,6 +6,12 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+from models.checkpoint import check_config_dict
+
+# What a LLaDA config.json must set: their defaults are LLaDA-8B's, wrong for any other checkpoint.
+REQUIRED_FIELDS = ("vocab_size", "d_model", "n_heads", "n_layers", "mask_token_id")
+DREAM_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
 
 class LLaDAConfig(PreTrainedConfig):
     """Config of ``GSAI-ML/LLaDA-8B-{Base,Instruct}`` (model_type "llada").
@@ -15,6 +21,9 @@ class LLaDAConfig(PreTrainedConfig):
     ``num_hidden_layers`` are read-only aliases. Defaults are LLaDA-8B's. Fields of the OLMo config that do
     not change the computation of a "llama" block (dropouts, init_*, precision, flash_attention …) are kept
     but ignored; fields that would change it and are not implemented are rejected with a clear error.
+    A checkpoint's config.json (:meth:`from_dict`, used by ``from_pretrained`` and the Auto classes) must have
+    ``model_type`` "llada" (or none) and set :data:`REQUIRED_FIELDS`; otherwise ValueError, before any weight is
+    allocated.
     """
 
     model_type = "llada"
@@ -87,6 +96,13 @@ class LLaDAConfig(PreTrainedConfig):
         self._check_supported()
         kwargs.setdefault("tie_word_embeddings", weight_tying)
         super().__init__(eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=bos_token_id, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        vocab = "embedding_size" if config_dict.get("embedding_size") else "vocab_size"
+        check_config_dict(config_dict, kwargs, cls.__name__, cls.model_type, REQUIRED_FIELDS,
+                          ("Dream", "DreamModel", DREAM_FIELDS), vocab)
+        return super().from_dict(config_dict, **kwargs)
 
     def _check_supported(self) -> None:
         wanted = {"activation_type": "silu", "block_type": "llama", "layer_norm_type": "rms", "rope": True,

@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 
 from dkvcache.generation import DiffusionGenerationMixin
 from dkvcache.partial_forward import PartialForwardMixin, RMSNorm
+from models.checkpoint import CheckedLoadingMixin
 from models.configuration_dream import DreamConfig
 
 
@@ -78,7 +79,7 @@ class DreamDecoderLayer(nn.Module):
         return self.self_attn.o_proj(attn)
 
 
-class DreamPreTrainedModel(PreTrainedModel):
+class DreamPreTrainedModel(CheckedLoadingMixin, PreTrainedModel):
     config_class = DreamConfig
     config: DreamConfig
     base_model_prefix = "model"
@@ -110,6 +111,9 @@ class DreamModel(DreamPreTrainedModel, PartialForwardMixin, DiffusionGenerationM
     diffusion_family = "dream"
 
     def __init__(self, config: DreamConfig) -> None:
+        if not isinstance(config, DreamConfig):
+            raise TypeError(f"DreamModel needs a DreamConfig, got {type(config).__name__} (model_type "
+                            f"{getattr(config, 'model_type', None)!r})")
         super().__init__(config)
         self.model = DreamBaseModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 
 from dkvcache.generation import DiffusionGenerationMixin
 from dkvcache.partial_forward import PartialForwardMixin, RMSNorm
+from models.checkpoint import CheckedLoadingMixin
 from models.configuration_llada import LLaDAConfig
 
 
@@ -60,7 +61,7 @@ class LLaDALlamaBlock(nn.Module):
         return self.attn_out(attn)
 
 
-class LLaDAPreTrainedModel(PreTrainedModel):
+class LLaDAPreTrainedModel(CheckedLoadingMixin, PreTrainedModel):
     config_class = LLaDAConfig
     config: LLaDAConfig
     base_model_prefix = "model"
@@ -96,6 +97,9 @@ class LLaDAModelLM(LLaDAPreTrainedModel, PartialForwardMixin, DiffusionGeneratio
     diffusion_family = "llada"
 
     def __init__(self, config: LLaDAConfig) -> None:
+        if not isinstance(config, LLaDAConfig):
+            raise TypeError(f"LLaDAModelLM needs a LLaDAConfig, got {type(config).__name__} (model_type "
+                            f"{getattr(config, 'model_type', None)!r})")
         super().__init__(config)
         self.model = LLaDAModel(config)
         self.post_init()

@@ -8,6 +8,8 @@ import pytest
 
 from dkvcache.tasks import arith, arith_tables
 
+pytestmark = pytest.mark.slow  # deselect with -m "not slow" (README)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {"dream": os.path.join(ROOT, "assets", "tiny-dream"), "llada": os.path.join(ROOT, "assets", "tiny-llada")}
 

@@ -29,6 +29,8 @@ from dkvcache.eval import config as C  # noqa: E402
 from dkvcache.eval import records, runner  # noqa: E402
 from dkvcache.tasks import arith  # noqa: E402
 
+pytestmark = pytest.mark.slow  # deselect with -m "not slow" (README)
+
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "assets" / "tiny-dream"
 

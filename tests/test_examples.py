@@ -15,6 +15,8 @@ import torch
 from models import DreamConfig, DreamModel
 from tests.conftest import tiny_llada
 
+pytestmark = pytest.mark.slow  # deselect with -m "not slow" (README)
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -58,9 +60,13 @@ def test_dream_generate_with_tokenizer_prompts_and_compare(tmp_path: Path) -> No
     out = _script("dream_generate.py", "--model", str(model_dir), "--seq-len", "8", "--batch-size", "2",
                   "--prompts-file", str(prompts), cwd=tmp_path).stdout
     assert "What is the capital?" in out and "tokens/s" in out and "fed fraction 1.000" in out
-    out = _script("dream_generate.py", "--model", str(model_dir), "--seq-len", "8", "--decode", "--compare",
-                  "--dataset", "random", "--num-prompts", "2", "--quiet", cwd=tmp_path).stdout
+    proc = _script("dream_generate.py", "--model", str(model_dir), "--seq-len", "8", "--decode", "--compare",
+                   "--dataset", "random", "--num-prompts", "2", "--quiet", cwd=tmp_path)
+    out = proc.stdout
     assert "cache decoded" in out and "speed-up of cache decoded vs no cache" in out and "peak memory" in out
+    # what a new user needs to read the report: the warm-up is untimed, fed fraction defined, no stray bars
+    assert "warm-up (untimed)" in out and "fed fraction = positions run through the model" in out
+    assert "Loading weights" not in proc.stdout + proc.stderr and "batch/s" not in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("flags, label", [

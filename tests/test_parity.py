@@ -7,6 +7,8 @@ import pytest
 
 from tests.parity import cases, load_reference, run_setting
 
+pytestmark = pytest.mark.slow  # deselect with -m "not slow" (README)
+
 CASES = cases()
 
 

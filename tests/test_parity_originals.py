@@ -20,6 +20,8 @@ from dkvcache.caches import d2, prefix
 from dkvcache.caches.base import StepPlan
 from tests.conftest import PARITY_DIR
 
+pytestmark = pytest.mark.slow  # deselect with -m "not slow" (README)
+
 FILES = ("ref-fastdllm-llada.json", "ref-d2fw-llada.json", "ref-d2fw-dream.json")
 # Documented deviations (docs/d2cache.md "Against the d2Cache framework"); everything else must match.
 REFRESHED = "package default: refreshed confidence cache; the framework freezes the step-0 confidences (bug 6.1 a)"

@@ -30,7 +30,7 @@ class EBSampler(Decoder):
     @classmethod
     def check(cls, opts: GenerationOptions) -> None:
         super().check(opts)
-        check_number("gamma", opts.gamma, 0.0, float("inf"))
+        check_number("gamma", opts.gamma, 0.0, float("inf"), finite=False)  # inf: the whole block per step
 
     def choose(self, step: StepView, count: torch.Tensor) -> torch.Tensor:
         ranked = step.score.masked_fill(~step.decodable, float("-inf"))

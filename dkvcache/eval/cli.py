@@ -8,23 +8,37 @@ registered cache strategies), ``--cfg`` (print the resolved config and exit).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 
 from dkvcache.eval import config as config_mod
 
-USAGE = """usage: python -m dkvcache.eval [group=option ...] [key=value ...] [--list] [--cfg] [--help]
+MODULE_PROG = "python -m dkvcache.eval"
+USAGE = """usage: {prog} [group=option ...] [key=value ...] [--list] [--cfg] [--help]
 
-  python -m dkvcache.eval model=tiny-dream dataset.name=arith dataset.limit=100 cache=decoded
-  python -m dkvcache.eval dataset.name=gsm8k batch_size=8 seed=1234 cache=prefix generation=vanilla \\
+  {prog} model=tiny-dream dataset.name=arith dataset.limit=100 cache=decoded
+  {prog} dataset.name=gsm8k batch_size=8 seed=1234 cache=prefix generation=vanilla \\
       model=dream-inst generation.threshold=0.9
   accelerate launch -m dkvcache.eval dataset.name=gsm8k model=llada-inst cache=dual
-  python -m dkvcache.eval dataset.name=gsm8k dataset.path=/data/gsm8k_test.jsonl model.path=/ckpt/llada  # offline
+  {prog} dataset.name=gsm8k dataset.path=/data/gsm8k_test.jsonl model.path=/ckpt/llada  # offline
 
 groups: {groups}
 Results: <output_dir>/<run_name>/samples.jsonl (appended after every batch; a killed run resumes) and summary.json.
 See docs/eval.md for every key and the per-(model, task) defaults.
 """
+
+
+def prog_name(argv0: str | None = None) -> str:
+    """How this process was started, for the usage line: ``dkvcache-eval`` (the console script),
+    ``python -m dkvcache.eval`` (``-m``, also under ``accelerate launch -m``), ``python eval.py`` (a script)."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    base = os.path.basename(argv0 or "")
+    if not base or base in ("-c", "-m") or base.startswith("__main__") or base == "cli.py":
+        return MODULE_PROG
+    if base.endswith(".py"):
+        return f"python {argv0}"
+    return base.removesuffix(".exe")
 
 
 def _groups_text() -> str:
@@ -56,10 +70,12 @@ def list_options() -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); ``prog`` names the command in the usage text
+    (default: from ``sys.argv[0]``, see :func:`prog_name`). Returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
-        print(USAGE.format(groups=_groups_text()))
+        print(USAGE.format(prog=prog or prog_name(), groups=_groups_text()))
         return 0
     if "--list" in args:
         print(list_options())
@@ -99,4 +115,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m dkvcache.eval.cli"))

@@ -22,6 +22,8 @@ REQUIRED_FIELDS = {
     "mbpp": ("text", "test_list"),
     "humaneval": ("task_id", "prompt", "test", "entry_point"),
 }
+# What json.loads returns, by the JSON names of its types (for messages).
+JSON_KINDS = {str: "string", list: "array", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
 class DatasetUnavailable(RuntimeError):
@@ -29,14 +31,34 @@ class DatasetUnavailable(RuntimeError):
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """The JSON objects of a JSONL file, one per non-blank line. DatasetUnavailable naming the file (and line) for a
+    path that is not a readable file, a line that is not UTF-8 or not JSON, or a JSON value that is not an object."""
+    if os.path.isdir(path):
+        raise DatasetUnavailable(f"{path}: is a directory; allowed: a JSONL file (one JSON object per line)")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DatasetUnavailable(f"{path}:{n}: not a JSON line ({err})") from err
+    try:
+        with open(path, "rb") as f:
+            lines = list(f)
+    except OSError as err:
+        raise DatasetUnavailable(f"{path}: cannot be read ({err.strerror or err})") from err
+    for n, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DatasetUnavailable(f"{path}:{n}: not UTF-8 text ({err}); allowed: UTF-8 JSON lines") from err
+        if n == 1:
+            line = line.removeprefix("\ufeff")  # a byte-order mark
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DatasetUnavailable(f"{path}:{n}: not a JSON line ({err})") from err
+        if not isinstance(row, dict):
+            kind = JSON_KINDS.get(type(row), type(row).__name__)
+            raise DatasetUnavailable(f"{path}:{n}: a JSON {kind}, not an object; allowed: one JSON object per line "
+                                     "(the dataset's fields)")
+        rows.append(row)
     return rows
 
 
@@ -113,6 +135,8 @@ def load_rows(data: dict) -> list[dict]:
         raise DatasetUnavailable(f"dataset.name={name!r} is unknown; allowed: {sorted(REQUIRED_FIELDS)}")
     path = data.get("path")
     if path:
+        if os.path.isdir(path):
+            raise DatasetUnavailable(f"dataset.path={path!r} is a directory; allowed: a JSONL file")
         if not os.path.isfile(path):
             raise DatasetUnavailable(f"dataset.path={path!r} does not exist")
         return read_jsonl(path)
@@ -126,14 +150,23 @@ def load_rows(data: dict) -> list[dict]:
 
 
 def load_items(data: dict) -> list[dict[str, Any]]:
-    """Rows with ``id`` (unique, as a string) and ``index``, limited to ``dataset.limit``; schema checked."""
+    """Rows with ``id`` (unique, as a string) and ``index``, limited to ``dataset.limit``; schema checked.
+
+    DatasetUnavailable for a dataset without any item (an empty file, an empty split): nothing to evaluate.
+    """
     name = data["name"]
     rows = load_rows(data)
+    if not rows:
+        source = f"dataset.path={data['path']!r}" if data.get("path") else f"dataset {name!r}"
+        raise DatasetUnavailable(f"{source} has no items; allowed: a dataset with at least one item")
     if data.get("limit"):
         rows = rows[: data["limit"]]
     items, seen = [], set()
     id_field = ID_FIELDS.get(name)
     for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DatasetUnavailable(f"dataset {name!r} item {index} is a {type(row).__name__}, not an object with "
+                                     f"the fields {list(REQUIRED_FIELDS[name])}")
         missing = [f for f in REQUIRED_FIELDS[name] if f not in row]
         if missing:
             raise DatasetUnavailable(f"dataset {name!r} item {index} lacks the field(s) {missing}; the expected "

@@ -8,12 +8,15 @@ end-of-turn token before decoding.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from dkvcache.loading import DTYPES, load_model_and_tokenizer
+from dkvcache.loading import DTYPES, load_config, load_model_and_tokenizer
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>")
 
@@ -22,17 +25,61 @@ class GenerationRejected(ValueError):
     """diffusion_generate refused the configured keywords (before any compute)."""
 
 
+@contextlib.contextmanager
+def _naming_model_path(path: str) -> Iterator[None]:
+    """Prefix a loading error with ``model.path`` (and the offline hint for OSError), keeping its type."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(f"could not load model.path={path!r}: {err}\nOffline? Download the checkpoint elsewhere and pass "
+                      "model.path=/local/dir (Hub layout: config.json, safetensors, tokenizer files).") from err
+    except (TypeError, ValueError) as err:  # the base type: subclasses may not take a message alone
+        raise (TypeError if isinstance(err, TypeError) else ValueError)(f"model.path={path!r}: {err}") from err
+
+
 def load_model(path: str, dtype: str = "bfloat16", device: str | torch.device = "cpu") -> tuple[Any, Any]:
     """(model, tokenizer) of ``model.path`` through :mod:`dkvcache.loading` (no remote code)."""
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r} is invalid; allowed: {sorted(DTYPES)}")
-    try:
+    with _naming_model_path(path):
         return load_model_and_tokenizer(path, DTYPES[dtype], device)
-    except OSError as err:
-        raise OSError(f"could not load model.path={path!r}: {err}\nOffline? Download the checkpoint elsewhere and pass "
-                      "model.path=/local/dir (Hub layout: config.json, safetensors, tokenizer files).") from err
-    except TypeError as err:
-        raise TypeError(f"model.path={path!r}: {err}") from err
+
+
+class _ConfigOnlyModel:
+    """What :func:`dkvcache.resolve.resolve` reads of a model (family, config, embedding rows), from config.json
+    alone: the generation settings are checked before the weights are loaded."""
+
+    def __init__(self, config: Any, family: str) -> None:
+        self.config, self.diffusion_family = config, family
+        rows = getattr(config, "padded_vocab_size", None) or config.vocab_size
+        self._embedding = SimpleNamespace(weight=SimpleNamespace(shape=(rows, config.hidden_size)))
+
+    def get_input_embeddings(self) -> Any:
+        return self._embedding
+
+
+def check_generation(model: Any, gen_kwargs: dict, prompt_length: int = 1) -> None:
+    """GenerationRejected when ``diffusion_generate`` would refuse ``gen_kwargs`` on ``model`` (no compute)."""
+    from dkvcache.resolve import resolve
+
+    kwargs = {**gen_kwargs, "return_dict_in_generate": True}
+    try:
+        resolve(model, prompt_length, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise GenerationRejected(f"diffusion_generate rejects the configured generation/cache settings: {err}\n"
+                                 f"(keywords: {kwargs})") from err
+
+
+def precheck(path: str, gen_kwargs: dict) -> None:
+    """Before any weight is read: ``model.path``'s config.json (a Dream/LLaDA checkpoint with the fields it needs)
+    and the generation/cache settings against it. Raises what :func:`load_model` raises, or GenerationRejected."""
+    with _naming_model_path(path):
+        config, cls = load_config(path)
+    stand_in = _ConfigOnlyModel(config, cls.diffusion_family)
+    try:
+        check_generation(stand_in, gen_kwargs)
+    except AttributeError:  # resolve reads more of a model than the stand-in has: Engine.check runs after loading
+        return
 
 
 @dataclass
@@ -62,6 +109,10 @@ class Engine:
     @property
     def family(self) -> str:
         return self.model.diffusion_family
+
+    def check(self, prompt_length: int = 1) -> None:
+        """GenerationRejected when the configured keywords are refused (before any compute or write)."""
+        check_generation(self.model, self.gen_kwargs, prompt_length)
 
     def encode(self, text: str, chat: bool) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=not chat)["input_ids"]

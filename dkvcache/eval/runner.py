@@ -8,6 +8,7 @@ holds the same prompts as in a one-process run; rank 0 merges the shards and wri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -16,12 +17,12 @@ from typing import Any
 from dkvcache.eval import config as config_mod
 from dkvcache.eval import datasets, prompts, records, scoring
 from dkvcache.eval.dist import Dist, init
-from dkvcache.eval.engine import Engine, load_model
+from dkvcache.eval.engine import Engine, load_model, precheck
 from dkvcache.eval.summary import summarize
 
 
 class RunConflict(RuntimeError):
-    """The run directory holds samples of a different config."""
+    """The run directory holds samples of a different config, or another run is writing it."""
 
 
 def make_batches(indices: list[int], lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -88,7 +89,13 @@ class Evaluation:
 
 
 def run(cfg: dict, dist: Dist | None = None, log: Any = print) -> dict | None:
-    """Evaluate a resolved config. Returns the summary on rank 0 (None on the other ranks)."""
+    """Evaluate a resolved config. Returns the summary on rank 0 (None on the other ranks).
+
+    Everything that can refuse the run is checked before anything is written: the dataset (not empty, readable),
+    model.path's config.json and the generation/cache settings against it (before the weights are loaded), the
+    settings again against the loaded model, then rank 0 takes the run directory's lock (RunConflict when another
+    run holds it) and checks the directory's config (RunConflict when it differs).
+    """
     import torch
 
     dist = dist or init(cfg.get("device"))
@@ -96,20 +103,29 @@ def run(cfg: dict, dist: Dist | None = None, log: Any = print) -> dict | None:
         torch.set_num_threads(int(cfg["threads"]))
     run_dir = os.path.join(cfg.get("output_dir") or "outputs", cfg["run_name"])
     items = datasets.load_items(cfg["dataset"])  # before the model: a missing dataset fails fast
+    gen_kwargs = config_mod.generate_kwargs(cfg)
+    precheck(cfg["model"]["path"], gen_kwargs)  # config.json only: a refused combination fails before the weights
     model, tokenizer = load_model(cfg["model"]["path"], cfg["model"].get("dtype", "bfloat16"), dist.device)
-    engine = Engine(model, tokenizer, config_mod.generate_kwargs(cfg), bool(cfg["model"].get("add_bos_token")))
+    engine = Engine(model, tokenizer, gen_kwargs, bool(cfg["model"].get("add_bos_token")))
     ev = Evaluation(cfg, engine, items)
-    state: tuple[str, Any] = ("", None)
-    if dist.is_main:  # rank 0 prepares the directory and reads what is done; every rank gets the same answer
-        try:
-            prepare_run_dir(run_dir, cfg)
-            state = ("ok", set(records.read_all(run_dir)))
-        except RunConflict as err:
-            state = ("conflict", str(err))
-    state = dist.broadcast(state)
-    if state[0] == "conflict":
-        raise RunConflict(state[1])
-    done = state[1]
+    engine.check(max(len(x) for x in ev.ids))  # against the loaded model, still before anything is written
+    with contextlib.ExitStack() as held:
+        state: tuple[str, Any] = ("", None)
+        if dist.is_main:  # rank 0 locks and prepares the directory and reads what is done; every rank gets the answer
+            try:
+                held.enter_context(records.run_lock(run_dir))
+                prepare_run_dir(run_dir, cfg)
+                state = ("ok", set(records.read_all(run_dir)))
+            except (RunConflict, records.RunLocked) as err:
+                state = ("conflict", str(err))
+        state = dist.broadcast(state)
+        if state[0] == "conflict":
+            raise RunConflict(state[1])
+        return _evaluate(cfg, dist, ev, run_dir, state[1], log)
+
+
+def _evaluate(cfg: dict, dist: Dist, ev: Evaluation, run_dir: str, done: set, log: Any) -> dict | None:
+    """The batches not ``done`` yet, then (rank 0) the merge and the summary."""
     todo = [i for i, it in enumerate(ev.items) if it["id"] not in done]
     batches = make_batches(todo, [len(x) for x in ev.ids], int(cfg["batch_size"]))
     mine = batches[dist.rank::dist.world]
