@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from dkvcache.partial_forward import LayerHook
+from dkvcache.registry import Registry
 
 if TYPE_CHECKING:
     from dkvcache.options import GenerationOptions
@@ -101,39 +102,33 @@ class CacheStrategy:
         return {}
 
 
-_REGISTRY: dict[str, type[CacheStrategy]] = {}
+_REGISTRY: Registry[CacheStrategy] = Registry("cache_type")
 
 
 def register_strategy(cls: type[CacheStrategy]) -> type[CacheStrategy]:
     """Class decorator: make a strategy available as ``cache_type=cls.name`` (names are unique)."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"register_strategy: cache_type={cls.name!r} is already registered by "
-                         f"{_REGISTRY[cls.name].__qualname__}")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _REGISTRY.register(cls)
 
 
 def get_strategy(name: str) -> type[CacheStrategy]:
     """The strategy class registered as ``name`` (ValueError naming the allowed ones otherwise)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"cache_type={name!r} is unknown; allowed: {sorted(_REGISTRY)}")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def available_strategies() -> dict[str, frozenset[str]]:
     """Registered strategy names and the option names each accepts."""
-    return {name: cls.option_names for name, cls in _REGISTRY.items()}
+    return {name: cls.option_names for name, cls in _REGISTRY.classes.items()}
 
 
 def default_block_lengths() -> dict[str, int]:
     """Strategies that are block-wise by nature, with the block_length they use when the caller gives none."""
-    return {name: cls.default_block_length for name, cls in _REGISTRY.items() if cls.default_block_length}
+    return {name: cls.default_block_length for name, cls in _REGISTRY.classes.items() if cls.default_block_length}
 
 
 def switches() -> dict[str, dict[bool, str]]:
     """Boolean aliases that select a strategy, e.g. ``{"dual_cache": {True: "dual", False: "prefix"}}``."""
     out: dict[str, dict[bool, str]] = {}
-    for name, cls in _REGISTRY.items():
+    for name, cls in _REGISTRY.classes.items():
         if cls.switch is not None:
             option, value = cls.switch
             out.setdefault(option, {})[value] = name

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from dkvcache.registry import Registry
 from dkvcache.sampling import (
     Family,
     origin_transfer,
@@ -130,30 +131,22 @@ class Decoder:
         return {"decoding": self.name}
 
 
-
-
-_REGISTRY: dict[str, type[Decoder]] = {}
+_REGISTRY: Registry[Decoder] = Registry("decoding")
 
 
 def register_decoder(cls: type[Decoder]) -> type[Decoder]:
     """Class decorator: make a decoder available as ``decoding=cls.name`` (names are unique)."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"register_decoder: decoding={cls.name!r} is already registered by "
-                         f"{_REGISTRY[cls.name].__qualname__}")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _REGISTRY.register(cls)
 
 
 def get_decoder(name: str) -> type[Decoder]:
     """The decoder class registered as ``name`` (ValueError naming the allowed ones otherwise)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"diffusion_generate: decoding={name!r} is invalid; allowed: {list(_REGISTRY)}")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def decoding_knobs() -> dict[str, dict[str, Any]]:
     """Every registered decoding and its own knobs with their defaults."""
-    return {name: dict(cls.defaults) for name, cls in _REGISTRY.items()}
+    return {name: dict(cls.defaults) for name, cls in _REGISTRY.classes.items()}
 
 
 def make_decoder(opts: GenerationOptions, family: Family, model: Any) -> Decoder:

@@ -1,42 +1,44 @@
 """Run untrusted Python (generated code + its tests) isolated by bubblewrap, with time, memory and process limits.
 
-Never in the harness process. With bubblewrap (``bwrap``, the default wherever it works) each program runs in
-its own namespaces, three processes deep: ``bwrap`` (its init is PID 1 of the sandbox) → a trusted wrapper →
-the program, a fresh ``python -I`` child.
+Never in the harness process. With bubblewrap (``bwrap``, used wherever it can create its namespaces; probed
+once, see ``backend()``) each program runs two processes deep in a sandbox of its own: a trusted wrapper, PID 1
+of the sandbox (``--as-pid-1``: the program cannot signal it), and the program, a fresh ``python -I`` child.
 
 - **Namespaces**: new PID, network, IPC, UTS, cgroup (when possible) and mount namespaces. The program sees only
-  the sandbox's processes (its own ``/proc``, no harness ``/proc``, so no harness environment, fds or PIDs to
-  signal), only a loopback of its own (no network, no harness sockets on 127.0.0.1).
+  the sandbox's two processes (its own ``/proc``: no harness process to signal, no harness environment or fds)
+  and only a loopback of its own (no network, no harness sockets on 127.0.0.1).
 - **Filesystem**: read-only binds of ``/usr`` (+ the ``/bin``, ``/lib``… links), a few non-secret ``/etc`` files
-  and the Python install (base prefix and venv) on an otherwise empty read-only root; ``/tmp`` (its cwd, HOME and
+  and the Python install (base prefix and venv) on an otherwise empty read-only root; ``/tmp`` (cwd, HOME,
   TMPDIR) is a private 64 MB tmpfs and the only writable place; a minimal ``/dev``. Nothing else of the host
-  (home directories, the repo, ``/root``) is visible, and nothing it writes survives the run.
-- **Identity**: as root, bwrap runs without a user namespace and the wrapper starts the program as a random
-  unprivileged uid (no capabilities, not the harness's nor the wrapper's uid, ``no_new_privs``); as another
-  user, bwrap adds a user namespace (uid 65534 inside, mapped to the harness user, no capabilities, nested user
-  namespaces disabled where bwrap supports it).
+  (home directories, the repo, ``/root``) is visible, and nothing written survives the run.
+- **Identity**: as root, bwrap runs without a user namespace and the wrapper (keeping only CAP_SETUID/SETGID)
+  starts the program as a random unprivileged uid: no capabilities, ``no_new_privs``, its own ``RLIMIT_NPROC``
+  count. As another user, bwrap adds a user namespace (uid 65534 inside, mapped to the harness user, no
+  capabilities, nested user namespaces disabled where bwrap supports it).
 - **Limits** on the program: ``RLIMIT_AS`` (``memory_mb``), ``RLIMIT_CPU``, ``RLIMIT_FSIZE`` (16 MB),
   ``RLIMIT_NPROC`` (a hard cap of 32 tasks: fork bombs stop there), no core dumps, stdin empty, output
   discarded. ``--die-with-parent``: the sandbox dies with the harness. At the wall-clock limit the harness kills
-  bwrap; its init dies with it and the kernel kills every process of the PID namespace (``setsid`` and
+  bwrap; the wrapper dies with it and the kernel kills every process of the PID namespace (``setsid`` and
   daemonized children included), so ``run_program`` returns within a fraction of a second of ``timeout_s``.
-- **Verdict**: the wrapper runs the program in a separate process and reports the outcome to the harness, prefixed
-  with a per-run token that it read from its stdin; the token never reaches the program (not in its argv, env,
-  fds or memory), and the program cannot reach the wrapper (other uid, or same uid but non-dumpable) nor the
-  report pipe. The harness reads at most 4 KB of report. A program passes only if its process ran to the end of
-  its source (a completion note after the last statement, then exit status 0): an early ``exit(0)`` /
-  ``os._exit(0)`` or an exception is a failure, a hang is "timed out", a crash "crashed: SIG…".
+- **Verdict**: the wrapper reports the program's outcome in one line on its stdout, prefixed with a per-run token
+  that it read from its stdin before the program started. The token never reaches the program (not in its
+  argv, env, fds or memory) and the program cannot reach the wrapper (another uid, or the same uid but
+  non-dumpable: no ptrace, no ``/proc/1/fd|mem``), so it can neither read the token nor write to the report
+  pipe. The harness reads at most 4 KB of report. A program passes only if its process ran to the end of its
+  source (a completion note on a private pipe after the last statement, then exit status 0): an early
+  ``exit(0)`` / ``os._exit(0)`` or an exception is a failure, a hang "timed out", a crash "crashed: SIG…".
 
-What it does not do: no seccomp filter (the whole syscall surface of the kernel is reachable; as root the
-program may still create user namespaces of its own), no cgroup (memory is bounded per process by
-``RLIMIT_AS``, so in total by 32 × ``memory_mb`` plus 64 MB of tmpfs; CPU by the timeout). A hostile program
-still controls its own outcome: it can make its own tests pass (e.g. return an object equal to everything, or
-write the completion note and exit 0), but not another program's verdict, nor the harness.
+Not covered: no seccomp filter (the kernel's whole syscall surface is reachable; as root the program may still
+create user namespaces of its own), no cgroup (memory is bounded per process by ``RLIMIT_AS``, so in total by
+32 × ``memory_mb`` plus the 64 MB tmpfs; CPU by the timeout). A hostile program still controls its own outcome:
+it can make its own tests pass (e.g. return an object equal to everything, or write the completion note itself
+and exit 0), but not another program's verdict, nor the harness.
 
 Fallback, where bwrap is missing or cannot create its namespaces: the same wrapper and limits in a plain
-``python -I`` subprocess group, with a one-time ``RuntimeWarning`` naming what is then NOT contained — the
-network, the filesystem (it can read, write and delete what the harness user can), the harness's processes and
-``/proc`` (it can kill the harness and read its environment), children that leave the process group with
+``python -I`` subprocess group (the report still read with a bound, the timeout still held, the group killed),
+with a one-time ``RuntimeWarning`` naming what is then NOT contained: the network, the filesystem (it can read,
+write and delete what the harness user can), the harness's processes and ``/proc`` (it can kill the harness,
+read its environment and memory, hence forge its verdict), children that leave the process group with
 ``setsid`` (they outlive the timeout), and fork bombs as root (``RLIMIT_NPROC`` does not apply to root).
 """
 
@@ -147,8 +149,9 @@ _ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "OMP_NUM_THREADS": "1", "MKL_NUM
 _ETC = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives",
         "/etc/passwd", "/etc/group")
 _UNCONTAINED = ("the network, the filesystem (it can read, write and delete what the harness user can), the "
-                "harness's processes and /proc (it can kill the harness and read its environment), children that "
-                "leave the process group with setsid (they outlive the timeout), fork bombs as root")
+                "harness's processes and /proc (it can kill the harness, read its environment and memory, hence "
+                "forge its verdict), children that leave the process group with setsid (they outlive the "
+                "timeout), fork bombs as root")
 
 _lock = threading.Lock()
 _backend_choice: tuple[str, str] | None = None  # ("bwrap" | "subprocess", why)
@@ -293,8 +296,8 @@ def _run(source: str, timeout_s: float, memory_mb: int, bwrap: bool) -> Result:
         if _privileged():
             uid = 1_800_000_000 + secrets.randbelow(100_000_000)  # per run: its own RLIMIT_NPROC count
             nproc = NPROC
-        else:  # the count includes bwrap's init and the wrapper (same user namespace)
-            uid, nproc = -1, NPROC + 2
+        else:  # the count includes the wrapper (same user namespace)
+            uid, nproc = -1, NPROC + 1
         argv = _bwrap_argv([*limits, str(nproc), str(FSIZE), str(uid)])
         return _supervise(argv, None, payload, token, timeout_s)
     nproc = NPROC + (_user_tasks(os.geteuid()) if not _privileged() else 0)
