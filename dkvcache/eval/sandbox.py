@@ -251,8 +251,11 @@ def _bwrap_argv(wrapper_args: list[str]) -> list[str]:
             argv.append("--disable-userns")
     for key, value in {**_ENV, "HOME": "/tmp", "TMPDIR": "/tmp"}.items():
         argv += ["--setenv", key, value]
+    # The private tmpfs first: a Python install that itself lives under /tmp (a venv in a CI checkout) is then
+    # bound on top of it, instead of being hidden by it.
+    argv += ["--perms", "1777", "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp"]
     binds = _bind_paths()
-    made: set[str] = set()
+    made: set[str] = {"/tmp"}
     for _, dest in binds:  # parents of the binds, traversable whatever the host's modes (e.g. a 0700 /root)
         parts = dest.strip("/").split("/")[:-1]
         for i in range(1, len(parts) + 1):
@@ -269,8 +272,7 @@ def _bwrap_argv(wrapper_args: list[str]) -> list[str]:
             argv += ["--ro-bind", top, top]
     for path in _ETC:
         argv += ["--ro-bind-try", path, path]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp",
-             "--remount-ro", "/", "--chdir", "/tmp"]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/", "--chdir", "/tmp"]
     return argv + [sys.executable, "-I", "-S", "-c", _WRAPPER, *wrapper_args]
 
 
