@@ -201,7 +201,8 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder) 
     plan = strategy.plan(state)
     # The step's one host synchronisation: how many candidates (0 = the block is done) and fed positions the
     # widest row has. Both widths are rounded up to a bucket, so the step only ever sees a few shapes.
-    counts = [candidates.sum(1).max()] + ([plan.fed_mask.sum(1).max()] if plan.fed_mask is not None else [])
+    cand_counts = candidates.sum(1)
+    counts = [cand_counts.max()] + ([plan.fed_mask.sum(1).max()] if plan.fed_mask is not None else [])
     widths = torch.stack(counts).tolist()
     if widths[0] == 0:
         return False  # the plan is discarded (plans are side-effect safe)
@@ -233,7 +234,7 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder) 
                     shadow=shadow)
     step.conf = decoder.confidence(step)
     step.score = certainty_prior(step.conf, ~state.masked()[:, state.prompt_length:], offsets, opts.sigma)
-    transfer = decoder.choose(step, state.schedule.count(state.step_in_block, cand_valid.sum(1)))
+    transfer = decoder.choose(step, state.schedule.count(state.step_in_block, cand_counts))
 
     x_before = state.x.clone()
     new_tokens = scatter_rows(torch.where(transfer, x0, opts.mask_token_id), cand_pos, length, opts.mask_token_id)

@@ -10,11 +10,8 @@ def ragged_indices(mask: torch.Tensor, pad_value: int) -> tuple[torch.Tensor, to
 
     Returns ``(idx (B, n), valid (B, n))``; padding entries hold ``pad_value``. One host sync (for n).
     """
-    counts = mask.sum(dim=1)
-    n = int(counts.max().item()) if mask.numel() else 0
-    order = torch.sort(mask.logical_not().to(torch.int8), dim=1, stable=True).indices[:, :n]
-    valid = torch.arange(n, device=mask.device)[None, :] < counts[:, None]
-    return torch.where(valid, order, torch.full_like(order, pad_value)), valid
+    n = int(mask.sum(dim=1).max().item()) if mask.numel() else 0
+    return fixed_indices(mask, n, pad_value)
 
 
 def bucket(n: int, cap: int) -> int:

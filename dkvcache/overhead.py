@@ -66,13 +66,18 @@ def _aten_counts(fn) -> tuple[int, int]:
     """(all aten calls, aten calls inside the model forwards) of one call of ``fn``."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    events = prof.events()
-    total = sum(e.name.startswith("aten::") for e in events)
-    scopes = [e for e in events if e.name == FORWARD_SCOPE]
-    inside = sum(1 for e in events if e.name.startswith("aten::")
-                 and any(s.time_range.start <= e.time_range.start and e.time_range.end <= s.time_range.end
-                         for s in scopes))
-    return total, inside
+    aten = [e for e in prof.events() if e.name.startswith("aten::")]
+    return len(aten), sum(_inside_forward(e) for e in aten)
+
+
+def _inside_forward(event: Any) -> bool:
+    """Whether a profiler event ran inside a model forward (a ``FORWARD_SCOPE`` ancestor)."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == FORWARD_SCOPE:
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def _min_time(fn, repeats: int) -> float:

@@ -292,4 +292,3 @@ class D2CacheAlias(D2Cache):
     """``cache_type="d2cache"``: the d2Cache framework's name for ``"d2"``."""
 
     name = "d2cache"
-
