@@ -81,7 +81,7 @@ def _check_inputs(inputs: Any, attention_mask: Any) -> None:
 
 
 def _build_state(model: Any, family, opts: GenerationOptions, inputs: torch.Tensor,
-                 attention_mask: torch.Tensor | None) -> DecodeState:
+                 attention_mask: torch.Tensor | None, generation_mask: torch.Tensor | None = None) -> DecodeState:
     device = model.device
     inputs = inputs.to(device)
     if opts.num_return_sequences > 1:
@@ -90,12 +90,17 @@ def _build_state(model: Any, family, opts: GenerationOptions, inputs: torch.Tens
             attention_mask = attention_mask.repeat_interleave(opts.num_return_sequences, dim=0)
     batch, prompt_length = inputs.shape
     gen = torch.full((batch, opts.max_new_tokens), opts.mask_token_id, dtype=torch.long, device=device)
+    if generation_mask is not None:  # columns after a row's end: padding, never decoded, never attended to
+        generation_mask = generation_mask.to(device).bool()
+        gen = torch.where(generation_mask, gen, opts.pad_token_id if opts.pad_token_id is not None else 0)
+        attention_mask = torch.ones_like(inputs) if attention_mask is None else attention_mask
     x = torch.cat([inputs, gen], dim=1)
     if attention_mask is None:
         key_valid = torch.ones_like(x, dtype=torch.bool)
         positions = torch.arange(x.shape[1], device=device).expand(batch, -1).contiguous()
     else:
-        key_valid = torch.cat([attention_mask.to(device).bool(), torch.ones_like(gen, dtype=torch.bool)], dim=1)
+        tail = torch.ones_like(gen, dtype=torch.bool) if generation_mask is None else generation_mask
+        key_valid = torch.cat([attention_mask.to(device).bool(), tail], dim=1)
         positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
     if ((inputs == opts.mask_token_id) & key_valid[:, :prompt_length]).any():
         raise ValueError(f"diffusion_generate: inputs contain mask_token_id={opts.mask_token_id}; only the "
@@ -120,10 +125,12 @@ class GenerationSession:
     The arguments are those of ``diffusion_generate`` and are checked here, before any compute. ``step()`` runs
     one denoising step and returns the end position of the block it finished (``None`` mid-block); a finished
     block's tokens never change again. ``result()`` gives what ``diffusion_generate`` returns.
+    ``generation_mask`` (B, max_new_tokens), False after a row's own end: lets rows with fewer tokens left share
+    a batch (the columns are padding: not decoded, not attended to).
     """
 
     def __init__(self, model: Any, inputs: torch.Tensor | None, generation_config: Any = None,
-                 **kwargs: Any) -> None:
+                 generation_mask: torch.Tensor | None = None, **kwargs: Any) -> None:
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
         attention_mask = kwargs.pop("attention_mask", None)
@@ -133,7 +140,10 @@ class GenerationSession:
         check_inputs_fit(model, inputs, opts)
         self.strategy = caches.get_strategy(opts.cache_type)(**opts.cache_options)
         self.decoder = make_decoder(opts, family, model)
-        self.state = _build_state(model, family, opts, inputs, attention_mask)
+        if generation_mask is not None and (not isinstance(generation_mask, torch.Tensor)
+                                            or generation_mask.shape != (inputs.shape[0], opts.max_new_tokens)):
+            raise ValueError("GenerationSession: generation_mask must be a (batch, max_new_tokens) tensor")
+        self.state = _build_state(model, family, opts, inputs, attention_mask, generation_mask)
         self.opts = opts
         self.history: list = []
         self.done = False

@@ -61,7 +61,7 @@ class LiveServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             load = self.engine.scheduler.load()
-            if load["running"] == 0 and load["waves"] == 0 and load["queued"] == 0:
+            if load["running"] == 0 and load["groups"] == 0 and load["queued"] == 0:
                 return load
             time.sleep(0.05)
         raise AssertionError(f"server still busy: {self.engine.scheduler.load()}")
@@ -83,7 +83,8 @@ def _chat_ids(engine, question: str) -> list[int]:
 def single_run_text(engine, question: str, seed: int, **settings) -> str:
     """What ``diffusion_generate`` gives this prompt alone (batch 1), cut at the first end token."""
     ids = _chat_ids(engine, question)
-    out = engine.model.diffusion_generate(torch.tensor([ids]), seed=seed, **{**engine.defaults, **settings})
+    kwargs = CompletionRequest(prompt="-", **settings).diffusion_settings(engine.defaults)  # the server's mapping
+    out = engine.model.diffusion_generate(torch.tensor([ids]), seed=seed, **kwargs)
     tokens = out[0, len(ids):].tolist()
     ends = engine.scheduler.end_ids
     cut = next((i for i, t in enumerate(tokens) if t in ends), len(tokens))
@@ -95,7 +96,7 @@ def test_models_and_health(live):
     assert [m.id for m in client.models.list().data] == ["tiny-dream"]
     with urllib.request.urlopen(f"http://127.0.0.1:{live.port}/health", timeout=5) as response:
         health = json.load(response)
-    assert health["status"] == "ok" and {"running", "queued", "waves"} <= set(health)
+    assert health["status"] == "ok" and {"running", "queued", "groups"} <= set(health)
 
 
 def test_chat_answers_and_reports_usage(live):
@@ -169,6 +170,56 @@ def test_concurrent_requests_equal_their_single_runs(live):
     assert counters["max_rows"] >= 2
 
 
+POOLED = [
+    {"block_length": 16},  # no cache
+    {"cache_type": "dual", "block_length": 16},
+    {"cache_type": "prefix", "block_length": 16, "threshold": 0.9},  # rows finish blocks at different steps
+]
+GAPS = [0.1, 0.05, 0.01]  # a threshold decodes a request in a few steps: arrivals must be closer to overlap
+
+
+def _staggered(server: LiveServer, jobs: list[tuple[str, int]], settings: dict, gap: float = 0.1) -> list[str]:
+    client = server.client()
+
+    def ask(index: int) -> str:
+        time.sleep(gap * index)  # arrive while earlier requests are mid-way
+        question, seed = jobs[index]
+        reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": question}],
+                                               seed=seed, extra_body=settings)
+        return reply.choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(ask, range(len(jobs))))
+
+
+@pytest.mark.parametrize(("settings", "gap"), list(zip(POOLED, GAPS, strict=True)),
+                         ids=["none", "dual", "prefix-threshold"])
+def test_pooled_requests_equal_their_single_runs(live, settings, gap):
+    """Greedy settings share one batch re-formed at every block boundary: joins, leaves and right padding."""
+    live.wait_idle()
+    jobs = [(QUESTIONS[i % len(QUESTIONS)], i) for i in range(8)]
+    expected = [single_run_text(live.engine, q, seed, **settings) for q, seed in jobs]
+    before = dict(live.engine.scheduler.counters)
+    assert _staggered(live, jobs, settings, gap) == expected
+    counters = live.engine.scheduler.counters
+    assert counters["joined_running"] > before["joined_running"], "no request joined a running batch"
+    assert counters["groups_started"] - before["groups_started"] < len(jobs), "requests were not pooled"
+
+
+def test_pooled_llada_requests_equal_their_single_runs():
+    global MODEL
+    saved, MODEL = MODEL, "assets/tiny-llada"
+    try:
+        with LiveServer(max_batch=8, max_new_tokens=64, steps=64) as server:
+            settings = {"cache_type": "dual", "block_length": 16}
+            jobs = [(QUESTIONS[i % len(QUESTIONS)], i) for i in range(6)]
+            expected = [single_run_text(server.engine, q, seed, **settings) for q, seed in jobs]
+            assert _staggered(server, jobs, settings) == expected
+            assert server.engine.scheduler.counters["joined_running"] > 0
+    finally:
+        MODEL = saved
+
+
 @pytest.mark.parametrize(("kwargs", "param"), [
     ({"extra_body": {"block_length": 7}}, "block_length"),
     ({"temperature": -1}, "temperature"),
@@ -225,13 +276,13 @@ def test_disconnects_free_the_row_and_timeouts_are_504():
                 break
         stream.close()
         load = server.wait_idle(timeout=15)
-        assert load["waves_completed"] == 1
+        assert load["groups_completed"] == 1
         # A non-streaming client that gives up: its row is freed too.
         with pytest.raises(openai.APITimeoutError):
             server.client(timeout=0.5).completions.create(model="m", prompt="Tom", max_tokens=256,
                                                           extra_body={"steps": 256})
         server.wait_idle(timeout=15)
-        assert server.engine.scheduler.counters["waves_completed"] == 2
+        assert server.engine.scheduler.counters["groups_completed"] == 2
     with LiveServer(request_timeout_s=0.3) as server:
         with pytest.raises(openai.APIStatusError) as caught:
             server.client().completions.create(model="m", prompt="Tom", max_tokens=256, extra_body={"steps": 256})
@@ -265,3 +316,15 @@ def test_cli_refuses_a_bad_default():
     result = subprocess.run([sys.executable, "-m", "dkvcache.serve", "--model", MODEL, "--block-length", "7"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "block_length" in result.stderr
+
+
+def test_load_test_reports_every_mode():
+    from dkvcache.serve import loadtest
+
+    result = loadtest.run(MODEL, clients=2, requests=4, max_batch=2, modes=["continuous", "one-at-a-time"],
+                          settings={"cache_type": "dual", "block_length": 16})
+    assert set(result["rows"]) == {"continuous", "one-at-a-time"}
+    for row in result["rows"].values():
+        assert row["requests"] == 4 and row["requests_per_s"] > 0 and row["latency_p99_s"] >= row["latency_p50_s"]
+    assert result["rows"]["one-at-a-time"]["speedup_requests_per_s"] == 1.0
+    assert "one-at-a-time" in loadtest.table(result) and result["p99_bound_s"] > 0

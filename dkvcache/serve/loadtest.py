@@ -127,6 +127,8 @@ def run(model: str, clients: int, requests: int, max_batch: int, modes: list[str
         proc = start_server(model, port, extra)
         try:
             asyncio.run(drive(port, prompts[: min(4, len(prompts))], min(4, clients), settings))  # warm-up
+            if mode == modes[0]:  # one request at a time on an idle server: the latency bound's unit
+                alone = asyncio.run(drive(port, prompts[:8], 1, settings))["latency_p50_s"]
             rows[mode] = asyncio.run(drive(port, prompts, clients, settings))
         finally:
             stop_server(proc)
@@ -137,8 +139,10 @@ def run(model: str, clients: int, requests: int, max_batch: int, modes: list[str
             row["speedup_requests_per_s"] = row["requests_per_s"] / base["requests_per_s"]
     import torch
 
+    # The latency bound: p99 <= 2 x (latency alone) x (requests in flight / max batch).
+    bound = 2 * alone * max(clients / max_batch, 1.0)
     return {"model": model, "clients": clients, "requests": requests, "max_batch": max_batch,
-            "settings": settings, "rows": rows,
+            "settings": settings, "rows": rows, "latency_alone_p50_s": alone, "p99_bound_s": bound,
             "environment": {"torch": torch.__version__, "python": platform.python_version(),
                             "cpu_count": os.cpu_count(), "device": "cpu", "platform": platform.platform()}}
 
@@ -152,6 +156,9 @@ def table(result: dict) -> str:
         lines.append(f"| {mode} | {row['requests_per_s']:.2f} | {row['tokens_per_s']:.1f} | "
                      f"{row['latency_p50_s']:.2f} | {row['latency_p99_s']:.2f} | {row['first_block_p50_s']:.2f} | "
                      f"{row.get('speedup_requests_per_s', float('nan')):.2f}x |")
+    lines.append("")
+    lines.append(f"latency of one request on an idle server (p50): {result['latency_alone_p50_s']:.3f} s; "
+                 f"p99 bound 2 x alone x max(clients / max_batch, 1) = {result['p99_bound_s']:.3f} s")
     return "\n".join(lines)
 
 

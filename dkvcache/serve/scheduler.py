@@ -1,12 +1,11 @@
-"""The scheduler: one thread owns the model and interleaves every running generation step by step.
+"""The scheduler: one thread owns the model and advances every running batch one step per tick.
 
-Requests with the same generation settings that are waiting when a running generation finishes a block (or when
-nothing runs) start together as one *wave*: a left-padded batch decoded by one :class:`GenerationSession`, each
-row with its own seed. Every tick advances every wave by one step, so a request joins while others are mid-way and
-never waits for the batch to drain; a row leaves as soon as its text is final (an end token in its finished
-blocks, a stop string, or the last block) and a wave whose rows have all left stops computing. Because a
-padded batch row equals its single run (counter-based noise per row seed, padding masked), a request's output
-does not depend on what else is running.
+Admitted requests go to a *pool* when their settings allow (greedy decoding, a cache that starts every block
+from a full forward): one batch per settings, re-formed at every block boundary, so a request joins at the
+pool's next boundary and leaves at the one where its text is final. Other settings run as *waves* that start at
+a block boundary of a running batch (or when nothing runs) and keep their rows to the end (see
+:mod:`dkvcache.serve.groups`). Either way a request's output equals its single run: the tests check it in float64
+with requests joining busy batches.
 
 Events reach each request through its ``sink`` callback, called from the scheduler thread.
 """
@@ -20,9 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from dkvcache.generation import GenerationSession
+from dkvcache.serve.groups import Group, Pool, Wave
 
 ADMISSIONS = ("continuous", "static")
 
@@ -79,90 +76,6 @@ class Job:
         return self.timeout_s is not None and now - self.submitted > self.timeout_s
 
 
-@dataclass
-class _Row:
-    job: Job
-    sent: str = ""
-    finished: bool = False
-    first_block_s: float | None = None
-
-
-class _Wave:
-    """Rows that started together: one left-padded GenerationSession."""
-
-    def __init__(self, model: Any, tokenizer: Any, jobs: list[Job], end_ids: set[int]) -> None:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        width = max(len(j.prompt_ids) for j in jobs)
-        ids = [[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs]
-        mask = [[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs]
-        device = model.device
-        self.session = GenerationSession(
-            model, torch.tensor(ids, device=device), attention_mask=torch.tensor(mask, device=device),
-            seed=[j.seed for j in jobs], **{"eos_early_stop": True, **jobs[0].settings})
-        self.tokenizer = tokenizer
-        self.end_ids = end_ids
-        self.rows = [_Row(j) for j in jobs]
-
-    @property
-    def live(self) -> bool:
-        return any(not r.finished for r in self.rows)
-
-    def fail(self, status: int, message: str) -> None:
-        for row in self.rows:
-            if not row.finished:
-                row.finished = True
-                row.job.sink(Event("error", text=message, status=status))
-
-    def drop_gone(self, now: float) -> None:
-        """Rows whose client went away or whose time ran out leave (the wave stops once none is left)."""
-        for row in self.rows:
-            if row.finished:
-                continue
-            if row.job.cancelled.is_set():
-                row.finished = True
-            elif row.job.expired(now):
-                row.finished = True
-                row.job.sink(Event("error", text=f"the request ran past its timeout of {row.job.timeout_s} s",
-                                   status=504))
-
-    def advance(self) -> bool:
-        """One step of the session; returns True when a block was completed (a boundary others may join at)."""
-        completed = self.session.step()
-        if completed is None:
-            return False
-        self._emit(completed)
-        return True
-
-    def _emit(self, block_end: int) -> None:
-        x = self.session.sequences
-        start = self.session.prompt_length
-        generated = x[:, start:block_end].tolist()
-        forwards = self.session.state.forwards
-        for row, tokens in zip(self.rows, generated, strict=True):
-            if row.finished:
-                continue
-            if row.first_block_s is None:
-                row.first_block_s = time.monotonic() - row.job.submitted
-            cut = next((i for i, t in enumerate(tokens) if t in self.end_ids), None)
-            text = self.tokenizer.decode(tokens[:cut], skip_special_tokens=True)
-            reason = "stop" if cut is not None else None
-            for stop in row.job.stop:
-                at = text.find(stop)
-                if at >= 0:
-                    text, reason = text[:at], "stop"
-            if reason is None and self.session.done:
-                reason = "length"
-            if len(text) > len(row.sent) and text.startswith(row.sent):
-                row.job.sink(Event("text", text=text[len(row.sent):], first_block_s=row.first_block_s))
-                row.sent = text
-            if reason is not None:
-                row.finished = True
-                n_tokens = len(tokens) if cut is None else cut
-                usage = Usage(len(row.job.prompt_ids), n_tokens, forwards)
-                row.job.sink(Event("done", text=text, finish_reason=reason, usage=usage,
-                                   first_block_s=row.first_block_s))
-
-
 class Scheduler:
     """Owns the model; ``submit`` jobs from any thread; ``stop`` drains what was accepted, then ends the thread.
 
@@ -180,13 +93,15 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.admission, self.fill_timeout_s = admission, fill_timeout_s
         self._queue: collections.deque[Job] = collections.deque()
-        self._waves: list[_Wave] = []
+        self._groups: list[Group] = []
+        self._pools: dict[str, Pool] = {}  # by job signature
+        self._unpoolable: set[str] = set()
         self._cv = threading.Condition()
         self._stopping = False
         self._boundary = False
         self._thread = threading.Thread(target=self._run, name="dkvcache-scheduler", daemon=True)
         # Counters the tests and /health read: waves started while another was mid-way, the most rows at once.
-        self.counters = {"waves_started": 0, "joined_running": 0, "max_rows": 0, "waves_completed": 0}
+        self.counters = {"groups_started": 0, "joined_running": 0, "max_rows": 0, "groups_completed": 0}
 
     def start(self) -> None:
         self._thread.start()
@@ -211,33 +126,33 @@ class Scheduler:
     def load(self) -> dict:
         """Rows running and jobs waiting (for /health)."""
         with self._cv:
-            running = sum(1 for w in self._waves for r in w.rows if not r.finished)
-            return {"running": running, "queued": len(self._queue), "waves": len(self._waves), **self.counters}
+            running = sum(1 for g in self._groups for r in g.members() if not r.finished)
+            return {"running": running, "queued": len(self._queue), "groups": len(self._groups), **self.counters}
 
     def _running_rows(self) -> int:
-        return sum(len(w.rows) for w in self._waves)
+        return sum(len(g.members()) for g in self._groups)
 
-    def _admit(self) -> list[list[Job]]:
-        """Waiting jobs grouped by settings, in arrival order, as many as the free rows allow."""
+    def _admit(self) -> list[Job]:
+        """Waiting jobs in arrival order, as many as the free rows allow."""
         free = self.max_batch - self._running_rows()
-        groups: dict[str, list[Job]] = {}
+        admitted: list[Job] = []
         kept: collections.deque[Job] = collections.deque()
         while self._queue:
             job = self._queue.popleft()
             if job.cancelled.is_set():
                 continue
             if free > 0:
-                groups.setdefault(job.signature, []).append(job)
+                admitted.append(job)
                 free -= 1
             else:
                 kept.append(job)
         self._queue = kept
-        return list(groups.values())
+        return admitted
 
     def _may_admit(self) -> bool:
         if self.admission == "continuous":
-            return not self._waves or self._boundary
-        if self._waves or not self._queue:
+            return True  # a pool folds newcomers in at its next boundary; waves start at one (see _place)
+        if self._groups or not self._queue:
             return False
         waited = time.monotonic() - self._queue[0].submitted
         return self._stopping or len(self._queue) >= self.max_batch or waited >= self.fill_timeout_s
@@ -245,42 +160,75 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._waves and not self._queue and not self._stopping:
+                while not self._groups and not self._queue and not self._stopping:
                     self._cv.wait()
-                if self._stopping and not self._waves and not self._queue:
+                if self._stopping and not self._groups and not self._queue:
                     return
-                groups = self._admit() if self._may_admit() else []
-                if not groups and not self._waves:  # static batching waiting for its batch to fill
+                jobs = self._admit() if self._may_admit() else []
+                if not jobs and not self._groups:  # static batching waiting for its batch to fill
                     self._cv.wait(self.fill_timeout_s / 10)
                     continue
-            self._boundary = False
-            for jobs in groups:
-                self._start_wave(jobs)
+            self._place(jobs)
             self._tick()
 
-    def _start_wave(self, jobs: list[Job]) -> None:
-        try:
-            wave = _Wave(self.model, self.tokenizer, jobs, self.end_ids)
-        except (ValueError, TypeError) as error:  # validated at the door already; kept for defence
-            for job in jobs:
-                job.sink(Event("error", text=str(error), status=400))
-            return
+    def _place(self, jobs: list[Job]) -> None:
+        """Pool what can be pooled (continuous admission); the rest start waves, grouped by settings. A wave
+        starts only when nothing runs or a block was just completed; until then its jobs wait in line."""
+        fresh: dict[str, list[Job]] = {}
+        for job in jobs:
+            pool = self._pools.get(job.signature) if self.admission == "continuous" else None
+            if pool is None and self.admission == "continuous" and job.signature not in self._unpoolable:
+                try:
+                    pool = Pool.for_job(self.model, self.tokenizer, self.end_ids, job)
+                except (ValueError, TypeError) as error:  # validated at the door already; kept for defence
+                    job.sink(Event("error", text=str(error), status=400))
+                    continue
+                if pool is None:
+                    self._unpoolable.add(job.signature)
+                else:
+                    self._add_group(pool)
+                    self._pools[job.signature] = pool
+            if pool is not None:
+                self.counters["joined_running"] += int(pool.mid_way)
+                pool.add(job)
+            else:
+                fresh.setdefault(job.signature, []).append(job)
+        waves_may_start = self.admission == "static" or self._boundary or not any(
+            isinstance(g, Wave) for g in self._groups)
+        self._boundary = False
+        for group_jobs in fresh.values():
+            if not waves_may_start:
+                with self._cv:
+                    self._queue.extendleft(reversed(group_jobs))
+                continue
+            try:
+                wave = Wave(self.model, self.tokenizer, self.end_ids, group_jobs)
+            except (ValueError, TypeError) as error:
+                for job in group_jobs:
+                    job.sink(Event("error", text=str(error), status=400))
+                continue
+            self.counters["joined_running"] += int(any(g.mid_way for g in self._groups))
+            self._add_group(wave)
+
+    def _add_group(self, group: Group) -> None:
         with self._cv:
-            self.counters["waves_started"] += 1
-            self.counters["joined_running"] += int(any(w.session.state.global_step > 0 for w in self._waves))
-            self._waves.append(wave)
-            self.counters["max_rows"] = max(self.counters["max_rows"], self._running_rows())
+            self.counters["groups_started"] += 1
+            self._groups.append(group)
+        self.counters["max_rows"] = max(self.counters["max_rows"], self._running_rows())
 
     def _tick(self) -> None:
         now = time.monotonic()
-        for wave in list(self._waves):
-            wave.drop_gone(now)
+        for group in list(self._groups):
+            group.drop_gone(now)
             try:
-                if wave.live and wave.advance():
+                if group.live and group.advance():
                     self._boundary = True
             except Exception as error:  # a failing step must not take the other requests down
-                wave.fail(500, f"generation failed: {type(error).__name__}: {error}")
-            if not wave.live or wave.session.done:
+                group.fail(500, f"generation failed: {type(error).__name__}: {error}")
+            self.counters["max_rows"] = max(self.counters["max_rows"], self._running_rows())
+            if group.done:
                 with self._cv:
-                    self._waves.remove(wave)
-                    self.counters["waves_completed"] += 1
+                    self._groups.remove(group)
+                    self.counters["groups_completed"] += 1
+                if isinstance(group, Pool):
+                    self._pools.pop(group.signature, None)

@@ -1,0 +1,242 @@
+"""The two ways the scheduler batches rows: a *pool* re-forms its batch at every block boundary, a *wave* keeps
+the rows it started with.
+
+Pool (greedy decoding with a cache that recomputes everything at a block start: none, prefix, dual): at every
+block boundary the batch is rebuilt from each row's tokens so far — finished rows leave, waiting requests join —
+laid out so that every row's *current* block sits at the same columns: its prompt and finished blocks left-padded
+before them, its masked future after, padding (not attended to) where a row has fewer blocks left. Nothing of
+the previous batch is carried over but the tokens, which is exactly what such a strategy keeps across a block
+boundary, and no noise is drawn, so each row decodes as it would alone.
+
+Wave (everything else: sampling, or caches that carry state across blocks): one left-padded
+:class:`GenerationSession` from start to end, each row with its own seed (counter-based noise: a row's samples do
+not depend on its neighbours). A row that has left rides along until the wave ends.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dkvcache.generation import GenerationSession
+from dkvcache.resolve import resolve
+
+if TYPE_CHECKING:
+    from dkvcache.options import GenerationOptions
+    from dkvcache.serve.scheduler import Job
+
+# Strategies whose every block starts from a full forward: the tokens are all they carry across a boundary.
+BLOCK_FRESH_CACHES = frozenset({"none", "prefix", "dual"})
+DETERMINISTIC_ALGS = frozenset({"maskgit_plus", "entropy", "topk_margin"})
+
+
+def can_pool(opts: GenerationOptions) -> bool:
+    """Whether requests with these options may share a re-formed batch (no noise, nothing kept across blocks)."""
+    return (opts.cache_type in BLOCK_FRESH_CACHES and opts.decoding == "vanilla" and opts.temperature == 0
+            and opts.alg in DETERMINISTIC_ALGS and not opts.alg_temp and not opts.sigma and opts.cfg_scale == 0)
+
+
+@dataclass
+class Row:
+    """One request inside a group: what it has been sent and what it has cost."""
+
+    job: Job
+    sent: str = ""
+    finished: bool = False
+    first_block_s: float | None = None
+    tokens: list[int] = field(default_factory=list)  # pool: the row's tokens in finished blocks
+    forwards: int = 0
+
+
+def report(row: Row, tokens: list[int], last: bool, forwards: int, tokenizer: Any, end_ids: set[int]) -> None:
+    """Send the row's new text of its finished blocks; finish it at an end token, a stop string or ``last``."""
+    from dkvcache.serve.scheduler import Event, Usage
+
+    if row.first_block_s is None:
+        row.first_block_s = time.monotonic() - row.job.submitted
+    cut = next((i for i, t in enumerate(tokens) if t in end_ids), None)
+    text = tokenizer.decode(tokens[:cut], skip_special_tokens=True)
+    reason = "stop" if cut is not None else None
+    for stop in row.job.stop:
+        at = text.find(stop)
+        if at >= 0:
+            text, reason = text[:at], "stop"
+    if reason is None and last:
+        reason = "length"
+    if len(text) > len(row.sent) and text.startswith(row.sent):
+        row.job.sink(Event("text", text=text[len(row.sent):], first_block_s=row.first_block_s))
+        row.sent = text
+    if reason is not None:
+        row.finished = True
+        usage = Usage(len(row.job.prompt_ids), len(tokens) if cut is None else cut, forwards)
+        row.job.sink(Event("done", text=text, finish_reason=reason, usage=usage, first_block_s=row.first_block_s))
+
+
+class Group:
+    """What the scheduler needs of a batch: its rows, one step at a time, and who left."""
+
+    rows: list[Row]
+
+    def __init__(self, model: Any, tokenizer: Any, end_ids: set[int]) -> None:
+        self.model, self.tokenizer, self.end_ids = model, tokenizer, end_ids
+
+    def members(self) -> list[Row]:
+        """Every row this group answers for (running or about to join)."""
+        return self.rows
+
+    @property
+    def live(self) -> bool:
+        return any(not r.finished for r in self.members())
+
+    @property
+    def mid_way(self) -> bool:
+        """A step has run since the batch formed (someone joining now joins a running batch)."""
+        raise NotImplementedError
+
+    @property
+    def done(self) -> bool:
+        raise NotImplementedError
+
+    def advance(self) -> bool:
+        """One step; True when a block was completed (a boundary others may join at)."""
+        raise NotImplementedError
+
+    def fail(self, status: int, message: str) -> None:
+        from dkvcache.serve.scheduler import Event
+
+        for row in self.members():
+            if not row.finished:
+                row.finished = True
+                row.job.sink(Event("error", text=message, status=status))
+
+    def drop_gone(self, now: float) -> None:
+        """Rows whose client went away or whose time ran out leave."""
+        from dkvcache.serve.scheduler import Event
+
+        for row in self.members():
+            if row.finished:
+                continue
+            if row.job.cancelled.is_set():
+                row.finished = True
+            elif row.job.expired(now):
+                row.finished = True
+                row.job.sink(Event("error", text=f"the request ran past its timeout of {row.job.timeout_s} s",
+                                   status=504))
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+class Wave(Group):
+    """Rows that started together: one left-padded GenerationSession to the end."""
+
+    def __init__(self, model: Any, tokenizer: Any, end_ids: set[int], jobs: list[Job]) -> None:
+        super().__init__(model, tokenizer, end_ids)
+        width = max(len(j.prompt_ids) for j in jobs)
+        ids = [[self._pad_id()] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs]
+        mask = [[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs]
+        device = model.device
+        self.session = GenerationSession(
+            model, torch.tensor(ids, device=device), attention_mask=torch.tensor(mask, device=device),
+            seed=[j.seed for j in jobs], **{"eos_early_stop": True, **jobs[0].settings})
+        self.rows = [Row(j) for j in jobs]
+
+    @property
+    def mid_way(self) -> bool:
+        return self.session.state.global_step > 0
+
+    @property
+    def done(self) -> bool:
+        return self.session.done or not self.live
+
+    def advance(self) -> bool:
+        completed = self.session.step()
+        if completed is None:
+            return False
+        start = self.session.prompt_length
+        generated = self.session.sequences[:, start:completed].tolist()
+        forwards = self.session.state.forwards
+        for row, tokens in zip(self.rows, generated, strict=True):
+            if not row.finished:
+                report(row, tokens, self.session.done, forwards, self.tokenizer, self.end_ids)
+        return True
+
+
+class Pool(Group):
+    """Requests with one set of poolable settings: the batch is re-formed at every block boundary."""
+
+    def __init__(self, model: Any, tokenizer: Any, end_ids: set[int], settings: dict[str, Any],
+                 opts: GenerationOptions) -> None:
+        super().__init__(model, tokenizer, end_ids)
+        self.settings = settings
+        self.signature = repr(sorted(settings.items()))  # = Job.signature of its requests
+        self.total = opts.max_new_tokens
+        self.block = opts.block_length or opts.max_new_tokens
+        self.steps_per_block = opts.steps // (self.total // self.block)
+        self.rows: list[Row] = []
+        self.waiting: list[Row] = []
+        self.session: GenerationSession | None = None
+
+    @classmethod
+    def for_job(cls, model: Any, tokenizer: Any, end_ids: set[int], job: Job) -> Pool | None:
+        """A pool for this job's settings, or None when they cannot be pooled."""
+        opts = resolve(model, len(job.prompt_ids), **job.settings)
+        return cls(model, tokenizer, end_ids, job.settings, opts) if can_pool(opts) else None
+
+    def add(self, job: Job) -> None:
+        """Join at the next block boundary."""
+        self.waiting.append(Row(job))
+
+    @property
+    def size(self) -> int:
+        return len(self.rows) + len(self.waiting)
+
+    @property
+    def mid_way(self) -> bool:
+        return self.session is not None and self.session.state.global_step > 0
+
+    def members(self) -> list[Row]:
+        return self.rows + self.waiting
+
+    @property
+    def done(self) -> bool:
+        return not self.live
+
+    def advance(self) -> bool:
+        if self.session is None:
+            self._form()
+        completed = self.session.step()
+        if completed is None:
+            return False
+        start = self.session.prompt_length  # every row's current block sits at [start, start + block)
+        blocks = self.session.sequences[:, start:start + self.block].tolist()
+        forwards = self.session.state.forwards
+        for row, block in zip(self.rows, blocks, strict=True):
+            row.tokens += block
+            row.forwards += forwards
+            if not row.finished:
+                report(row, row.tokens, len(row.tokens) >= self.total, row.forwards, self.tokenizer, self.end_ids)
+        self.rows = [r for r in self.rows if not r.finished]
+        self.session = None  # re-formed at the next step, with whoever is left and whoever waits
+        return True
+
+    def _form(self) -> None:
+        self.rows = [r for r in self.rows + self.waiting if not r.finished]
+        self.waiting = []
+        fixed = [r.job.prompt_ids + r.tokens for r in self.rows]
+        left = [self.total - len(r.tokens) for r in self.rows]
+        width, longest = max(map(len, fixed)), max(left)
+        pad = self._pad_id()
+        ids = [[pad] * (width - len(f)) + f for f in fixed]
+        mask = [[0] * (width - len(f)) + [1] * len(f) for f in fixed]
+        tail = [[True] * n + [False] * (longest - n) for n in left]
+        device = self.model.device
+        settings = {**self.settings, "max_new_tokens": longest, "block_length": self.block,
+                    "steps": self.steps_per_block * (longest // self.block), "eos_early_stop": False}
+        self.session = GenerationSession(
+            self.model, torch.tensor(ids, device=device), attention_mask=torch.tensor(mask, device=device),
+            generation_mask=torch.tensor(tail, device=device), seed=[r.job.seed for r in self.rows], **settings)
