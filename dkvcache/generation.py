@@ -271,9 +271,14 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder) 
     # widest row has. Both widths are rounded up to a bucket, so the step only ever sees a few shapes.
     cand_counts = candidates.sum(1)
     counts = [cand_counts.max()] + ([plan.fed_mask.sum(1).max()] if plan.fed_mask is not None else [])
+    counts += [value.long() for value in plan.reads.values()]
     widths = torch.stack(counts).tolist()
     if widths[0] == 0:
         return False  # the plan is discarded (plans are side-effect safe)
+    if plan.reads:
+        plan.read_values = dict(zip(plan.reads, widths[len(widths) - len(plan.reads):], strict=True))
+        plan.refresh = bool(plan.read_values.get("refresh", plan.refresh))
+        widths = widths[: len(widths) - len(plan.reads)]
     cand_pos, cand_valid = fixed_indices(candidates, bucket(widths[0], state.block_end - state.block_start), length)
     if plan.fed_mask is not None:
         plan.fed_idx = fixed_indices(plan.fed_mask, bucket(widths[1], length), length)[0]

@@ -206,6 +206,16 @@ def test_pooled_requests_equal_their_single_runs(live, settings, gap):
     assert counters["groups_started"] - before["groups_started"] < len(jobs), "requests were not pooled"
 
 
+def test_pooled_batches_of_the_same_shape_reuse_the_kv_buffers(live):
+    """A lone request keeps its batch shape from block to block: the next batch takes over the K/V buffers."""
+    before = live.wait_idle()["kv_reused"]
+    settings = {"cache_type": "dual", "block_length": 16}
+    text = live.client().chat.completions.create(model="m", messages=[{"role": "user", "content": QUESTIONS[2]}],
+                                                 seed=0, extra_body=settings).choices[0].message.content
+    assert text == single_run_text(live.engine, QUESTIONS[2], 0, **settings)
+    assert live.wait_idle()["kv_reused"] > before
+
+
 def test_pooled_llada_requests_equal_their_single_runs():
     global MODEL
     saved, MODEL = MODEL, "assets/tiny-llada"

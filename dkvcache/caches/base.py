@@ -7,7 +7,7 @@ per-layer decision install a layer hook (see ``dkvcache.partial_forward.LayerHoo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -30,6 +30,9 @@ class StepPlan:
              width is known without looking at the data (prefix/dual: the block, the suffix).
     use_kv:  read/write the K/V buffers (False only for strategies that never cache).
     refresh: this step recomputes everything the cache holds (counted in ``stats``).
+    reads:   0-dim integer/bool tensors the strategy needs as Python values this step (a layer hook's branch or
+             width); the loop reads them in the step's one host synchronisation into ``read_values``, before the
+             forward. A read named ``"refresh"`` sets ``refresh``.
     A plan must be safe to discard: the loop may find the block finished after planning and not run the step.
     """
 
@@ -37,6 +40,8 @@ class StepPlan:
     fed_mask: torch.Tensor | None = None
     use_kv: bool = False
     refresh: bool = False
+    reads: dict[str, torch.Tensor] = field(default_factory=dict)
+    read_values: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from dkvcache.caches.base import CacheStrategy, StepPlan, register_strategy
-from dkvcache.indexing import ragged_indices
+from dkvcache.indexing import fixed_indices
 from dkvcache.partial_forward import ForwardContext, LayerHook, attention_sublayer, rows_context
 from dkvcache.state import DecodeState
 from dkvcache.validate import check_int, check_number
@@ -113,8 +113,17 @@ class DLLMCache(CacheStrategy):
         self.response_rows = active & (t % self.kr == 0)
         self.verify_rows = active & ~self.response_rows if self.rou > 0 else torch.zeros_like(active)
         self.own_forwards = t + active.long()
-        refresh = bool((self.prompt_rows & self.response_rows | ~active).all())
-        return StepPlan(fed_idx=None, use_kv=True, refresh=refresh)
+        # Everything the layer hook branches on, read with the step's one host synchronisation: whether any row
+        # verifies, whether every position is recomputed, and the widest row's recompute count (the rows' sets
+        # are disjoint parts: prompt, response, or the response's ⌊rou·G⌋ least similar values).
+        prompt, response = state.prompt_length, state.length - state.prompt_length
+        verify_k = int(self.rou * response)
+        full = self.prompt_rows & (self.response_rows | (self.verify_rows & (verify_k >= response)))
+        width = (self.prompt_rows * prompt + self.response_rows * response + self.verify_rows * verify_k).max()
+        reads = {"refresh": (self.prompt_rows & self.response_rows | ~active).all(),
+                 "verify": self.verify_rows.any(), "full": full.all(), "width": width}
+        self.plan_now = StepPlan(fed_idx=None, use_kv=True, reads=reads)
+        return self.plan_now
 
     def layer_hook(self) -> LayerHook:
         return self._layer
@@ -129,12 +138,13 @@ class DLLMCache(CacheStrategy):
         recompute = torch.zeros(batch, length, dtype=torch.bool, device=x.device)
         recompute[:, :start] = self.prompt_rows[:, None]
         recompute[:, start:] = self.response_rows[:, None]
-        if self.verify_rows.any():
+        values = self.plan_now.read_values
+        if values["verify"]:
             recompute |= self._verify_values(layer, x, ctx, index)
         self.rows_recomputed += recompute.sum()
-        if bool(recompute.all()):
+        if values["full"]:
             return self._all_rows(layer, x, ctx, index)
-        rows = ragged_indices(recompute, pad_value=length)[0]
+        rows = fixed_indices(recompute, values["width"], length)[0]
         return self._some_rows(layer, x, ctx, index, rows)
 
     def _all_rows(self, layer, x: torch.Tensor, ctx: ForwardContext, index: int) -> torch.Tensor:

@@ -180,6 +180,8 @@ class Pool(Group):
         self.rows: list[Row] = []
         self.waiting: list[Row] = []
         self.session: GenerationSession | None = None
+        self._kv = None  # the last batch's K/V buffers, reused when the next batch has the same shape
+        self.buffers_reused = 0
 
     @classmethod
     def for_job(cls, model: Any, tokenizer: Any, end_ids: set[int], job: Job) -> Pool | None:
@@ -215,6 +217,7 @@ class Pool(Group):
         start = self.session.prompt_length  # every row's current block sits at [start, start + block)
         blocks = self.session.sequences[:, start:start + self.block].tolist()
         forwards = self.session.state.forwards
+        self._kv = self.session.state.kv
         for row, block in zip(self.rows, blocks, strict=True):
             row.tokens += block
             row.forwards += forwards
@@ -240,3 +243,14 @@ class Pool(Group):
         self.session = GenerationSession(
             self.model, torch.tensor(ids, device=device), attention_mask=torch.tensor(mask, device=device),
             generation_mask=torch.tensor(tail, device=device), seed=[r.job.seed for r in self.rows], **settings)
+        self._reuse_buffers()
+
+    def _reuse_buffers(self) -> None:
+        """Hand the last batch's K/V buffers to the new one when the shape is the same: a pooled block starts
+        with a full forward that overwrites every slot before any is read."""
+        kv, self._kv = self._kv, None
+        state = self.session.state
+        if kv is not None and kv.length == state.length and kv.keys[0].shape[0] == state.batch:
+            kv._index = None
+            state.kv = kv
+            self.buffers_reused += 1

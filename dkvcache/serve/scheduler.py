@@ -101,7 +101,8 @@ class Scheduler:
         self._boundary = False
         self._thread = threading.Thread(target=self._run, name="dkvcache-scheduler", daemon=True)
         # Counters the tests and /health read: waves started while another was mid-way, the most rows at once.
-        self.counters = {"groups_started": 0, "joined_running": 0, "max_rows": 0, "groups_completed": 0}
+        self.counters = {"groups_started": 0, "joined_running": 0, "max_rows": 0, "groups_completed": 0,
+                         "kv_reused": 0}
 
     def start(self) -> None:
         self._thread.start()
@@ -232,3 +233,4 @@ class Scheduler:
                     self.counters["groups_completed"] += 1
                 if isinstance(group, Pool):
                     self._pools.pop(group.signature, None)
+                    self.counters["kv_reused"] += group.buffers_reused
