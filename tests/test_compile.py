@@ -102,11 +102,13 @@ def test_layer_stack_traces_into_one_graph(models, family):
 # dLLM-Cache branches per layer (verify or not, everything recomputed or not, how many rows): read with the
 # step's one synchronisation, not per layer.
 HOST_READ_EXTRA = {"dllm": EAGER_ONLY["dllm"], "dllm-verify": dict(EAGER_ONLY["dllm"], rou=0.25),
-                   "greedy": dict(use_cache=True, cache_type="greedy", remasking="random")}
+                   "greedy": dict(use_cache=True, cache_type="greedy", remasking="random"),
+                   **{name: dict(decoding=name) for name in ("wino", "eb_sampler", "klass", "ar")}}
 
 
 @pytest.mark.parametrize("family,strategy", [(f, s) for f in MODELS for s in CAPTURED]
-                         + [("llada", "greedy"), ("dream", "dllm"), ("llada", "dllm"), ("dream", "dllm-verify")])
+                         + [("llada", "greedy"), ("dream", "dllm"), ("llada", "dllm"), ("dream", "dllm-verify")]
+                         + [(f, d) for f in MODELS for d in ("wino", "eb_sampler", "klass", "ar")])
 def test_at_most_one_host_read_per_step(models, family, strategy):
     """The step's one synchronisation (the candidate and fed widths) plus a few per call (stats)."""
     kwargs = dict(CAPTURED[strategy] if strategy in CAPTURED else HOST_READ_EXTRA[strategy])
@@ -118,9 +120,9 @@ def test_at_most_one_host_read_per_step(models, family, strategy):
         out = model.diffusion_generate(ids, attention_mask=mask, max_new_tokens=12, steps=12, block_length=4,
                                        return_dict_in_generate=True,
                                        **({"alg": "maskgit_plus"} if strategy != "greedy" else {}), **kwargs)
-    # input checks (5), row seeds (1), stats (3; dLLM-Cache's recompute count one more); everything else is the
-    # step's one read
-    per_call = 9 + strategy.startswith("dllm")
+    # input checks (5), row seeds (1), stats (3; dLLM-Cache's recompute count and WINO's re-mask count one more);
+    # everything else is the step's one read
+    per_call = 9 + (strategy.startswith("dllm") or strategy == "wino")
     assert reads.count <= out.stats["steps"] + per_call, reads.count
 
 

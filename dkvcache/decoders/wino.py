@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dkvcache.decoders.base import Decoder, Extension, StepView, register_decoder
-from dkvcache.indexing import ragged_indices, scatter_rows
+from dkvcache.indexing import fixed_indices, scatter_rows
 from dkvcache.sampling import Family, select_top, token_distribution
 from dkvcache.validate import check_number
 
@@ -84,9 +84,9 @@ class Wino(Decoder):
         decoded = x_before != state.mask_id
         decoded[:, :start] = False
         decoded[:, end:] = False
-        pos, valid = ragged_indices(decoded, pad_value=length)
-        if pos.shape[1] == 0:
-            return
+        # The block's width, known without reading the data: no host synchronisation (padding entries are
+        # never valid, so they are never re-masked).
+        pos, valid = fixed_indices(decoded, end - start, length)
         slot = (pos - start).clamp(0, end - start - 1)
         hidden = step.shadow.gather(1, slot[..., None].expand(-1, -1, step.shadow.shape[-1]))
         opts = state.opts
@@ -97,8 +97,8 @@ class Wino(Decoder):
         p = probs.gather(-1, tokens[..., None]).squeeze(-1)
         limit = (transfer.sum(1) - self.floor).clamp(min=0)
         remask = select_top(-p, valid & (p < opts.narrow_out_thres), limit)
-        self.remasked += int(remask.sum())
+        self.remasked = self.remasked + remask.sum()  # a tensor: read once, in stats()
         state.x = torch.where(scatter_rows(remask, pos, length, False), state.mask_id, state.x)
 
     def stats(self) -> dict:
-        return {**super().stats(), "remasked": self.remasked}
+        return {**super().stats(), "remasked": int(self.remasked)}
