@@ -322,10 +322,12 @@ def test_sigterm_drains_accepted_requests_then_exits():
             proc.kill()
 
 
-def test_cli_refuses_a_bad_default():
-    result = subprocess.run([sys.executable, "-m", "dkvcache.serve", "--model", MODEL, "--block-length", "7"],
+@pytest.mark.parametrize(("flags", "named"), [(["--block-length", "7"], "block_length"),
+                                              (["--threads", "0"], "threads")])
+def test_cli_refuses_a_bad_setting(flags, named):
+    result = subprocess.run([sys.executable, "-m", "dkvcache.serve", "--model", MODEL, *flags],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "block_length" in result.stderr
+    assert result.returncode == 2 and named in result.stderr
 
 
 def test_load_test_reports_every_mode():

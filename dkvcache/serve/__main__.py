@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's). On a CPU shared with other work, set it to "
+                             "the cores the server can have: spinning threads that get descheduled stall every op")
     parser.add_argument("--max-batch", type=int, default=8, help="rows decoded at once (default 8)")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default 64)")
     parser.add_argument("--admission", default="continuous", choices=["continuous", "static"],
@@ -46,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: expected key=value, got {item!r}", file=sys.stderr)
             return 2
         defaults[key.replace("-", "_")] = parse_value(value)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     import uvicorn
 
     from dkvcache.serve import build_engine, create_app

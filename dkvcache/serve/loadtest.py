@@ -117,13 +117,14 @@ def _prompts(count: int) -> list[str]:
     return [rows[i % len(rows)]["question"] for i in range(count)]
 
 
-def run(model: str, clients: int, requests: int, max_batch: int, modes: list[str], settings: dict) -> dict:
+def run(model: str, clients: int, requests: int, max_batch: int, modes: list[str], settings: dict,
+        threads: int | None = None) -> dict:
     """Every mode against its own server, the same prompts; returns the table as a dict."""
     prompts = _prompts(requests)
     rows = {}
     for mode in modes:
         port = free_port()
-        extra = ["--max-batch", str(max_batch), *MODES[mode]]
+        extra = ["--max-batch", str(max_batch), *MODES[mode], *(["--threads", str(threads)] if threads else [])]
         proc = start_server(model, port, extra)
         try:
             asyncio.run(drive(port, prompts[: min(4, len(prompts))], min(4, clients), settings))  # warm-up
@@ -141,7 +142,7 @@ def run(model: str, clients: int, requests: int, max_batch: int, modes: list[str
 
     # The issue's latency bound: p99 <= 2 x (latency alone) x (requests in flight / max batch).
     bound = 2 * alone * max(clients / max_batch, 1.0)
-    return {"model": model, "clients": clients, "requests": requests, "max_batch": max_batch,
+    return {"model": model, "clients": clients, "requests": requests, "max_batch": max_batch, "threads": threads,
             "settings": settings, "rows": rows, "latency_alone_p50_s": alone, "p99_bound_s": bound,
             "environment": {"torch": torch.__version__, "python": platform.python_version(),
                             "cpu_count": os.cpu_count(), "device": "cpu", "platform": platform.platform()}}
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {list(MODES)}")
     parser.add_argument("--settings", default="{}",
                         help='JSON extra_body for every request, e.g. {"cache_type":"dual"}')
+    parser.add_argument("--threads", type=int, default=None, help="the servers' --threads (default: torch's)")
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
@@ -179,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--modes: unknown {unknown}; allowed: {list(MODES)}")
     if args.clients < 1 or args.requests < 1 or args.max_batch < 1:
         parser.error("--clients, --requests and --max-batch must be >= 1")
-    result = run(args.model, args.clients, args.requests, args.max_batch, modes, json.loads(args.settings))
+    result = run(args.model, args.clients, args.requests, args.max_batch, modes, json.loads(args.settings),
+                 args.threads)
     print(table(result))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
