@@ -340,3 +340,23 @@ def test_load_test_reports_every_mode():
         assert row["requests"] == 4 and row["requests_per_s"] > 0 and row["latency_p99_s"] >= row["latency_p50_s"]
     assert result["rows"]["one-at-a-time"]["speedup_requests_per_s"] == 1.0
     assert "one-at-a-time" in loadtest.table(result) and result["p99_bound_s"] > 0
+
+
+def test_report_holds_back_a_possible_stop_prefix():
+    """A stop string split across two blocks is never half-streamed: the streamed pieces add up to the answer."""
+    from dkvcache.serve.groups import Row, report
+    from dkvcache.serve.scheduler import Job
+
+    events = []
+    row = Row(Job(prompt_ids=[1], settings={}, seed=0, sink=events.append, stop=("#END",)))
+
+    class Chars:  # token i is chr(i)
+        @staticmethod
+        def decode(tokens, skip_special_tokens=True):
+            return "".join(map(chr, tokens))
+
+    report(row, [ord(c) for c in "abc#E"], False, 1, Chars, end_ids=set())
+    assert [e.text for e in events] == ["abc"]  # "#E" could begin "#END": held back
+    report(row, [ord(c) for c in "abc#ENDxyz"], False, 2, Chars, end_ids=set())
+    assert events[-1].kind == "done" and events[-1].text == "abc" and events[-1].finish_reason == "stop"
+    assert "".join(e.text for e in events if e.kind == "text") == "abc"

@@ -66,9 +66,14 @@ def report(row: Row, tokens: list[int], last: bool, forwards: int, tokenizer: An
             text, reason = text[:at], "stop"
     if reason is None and last:
         reason = "length"
-    if len(text) > len(row.sent) and text.startswith(row.sent):
-        row.job.sink(Event("text", text=text[len(row.sent):], first_block_s=row.first_block_s))
-        row.sent = text
+    # While the text may go on, hold back a tail that could be the start of a stop string, so a stop that
+    # straddles two blocks is never half-streamed.
+    held = 0 if reason else max((k for stop in row.job.stop for k in range(1, len(stop)) if text.endswith(stop[:k])),
+                                default=0)
+    visible = text[: len(text) - held]
+    if len(visible) > len(row.sent) and visible.startswith(row.sent):
+        row.job.sink(Event("text", text=visible[len(row.sent):], first_block_s=row.first_block_s))
+        row.sent = visible
     if reason is not None:
         row.finished = True
         usage = Usage(len(row.job.prompt_ids), len(tokens) if cut is None else cut, forwards)
