@@ -22,6 +22,7 @@ from typing import Any
 from dkvcache.serve.groups import Group, Pool, Wave
 
 ADMISSIONS = ("continuous", "static")
+_MAX_REMEMBERED = 1024  # settings known not to pool, remembered so they are not resolved again
 
 
 class QueueFull(Exception):
@@ -185,6 +186,8 @@ class Scheduler:
                     job.sink(Event("error", text=str(error), status=400))
                     continue
                 if pool is None:
+                    if len(self._unpoolable) >= _MAX_REMEMBERED:  # clients choose the settings: stay bounded
+                        self._unpoolable.clear()
                     self._unpoolable.add(job.signature)
                 else:
                     self._add_group(pool)
