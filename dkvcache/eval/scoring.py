@@ -135,7 +135,8 @@ def score_arith(item: dict, completion: str) -> tuple[float, dict]:
     return float(arith.is_correct(completion, item["answer"])), {"extracted": arith.extract_answer(completion)}
 
 
-MATH_SCORERS = {"gsm8k": score_gsm8k, "math-500": score_math500, "arith": score_arith}
+MATH_SCORERS = {"gsm8k": score_gsm8k, "math-500": score_math500, "arith": score_arith,
+                "chain": score_arith}  # the chain task's answer ends "#### d", scored by the same rule
 CODE_TASKS = ("humaneval", "mbpp")
 
 
