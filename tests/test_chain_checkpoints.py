@@ -67,3 +67,29 @@ def test_eval_harness_runs_the_chain_dataset(tmp_path: Path) -> None:
     model, tokenizer = chain.arith.load_model(str(MODELS["llada"]))
     reference = chain.evaluate(model, tokenizer, chain.load_jsonl(limit=4), batch_size=4, **C.generate_kwargs(cfg))
     assert [s["score"] for s in samples] == [float(p["correct"]) for p in reference["predictions"]]
+
+
+def test_train_script_takes_the_chain_task(tmp_path: Path) -> None:
+    """``--task chain``: the task's vocabulary in the tokenizer, its 32-token window, its held-out items."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "examples" / "train_tiny.py")
+    train_tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_tiny)
+    args = train_tiny.parse_args(["--arch", "dream", "--out", "x", "--task", "chain"])
+    assert (args.layers, args.lr, args.steps) == (3, 2e-3, 4000)  # the chain recipe
+    assert train_tiny.parse_args(["--arch", "dream", "--out", "x"]).task == "arith"  # old commands unchanged
+    threads = torch.get_num_threads()
+    try:
+        train_tiny.main(["--task", "chain", "--arch", "llada", "--out", str(tmp_path), "--steps", "2",
+                         "--batch-size", "4", "--hidden", "32", "--layers", "1", "--heads", "2", "--warmup", "1",
+                         "--log-every", "1", "--eval-limit", "2", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    row = chain.load_jsonl(limit=1)[0]
+    ids = tokenizer(row["question"], add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == row["question"]
+    assert "moves" in tokenizer.get_vocab() and "apples" not in tokenizer.get_vocab()
+    assert json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[0])["step"] == 1

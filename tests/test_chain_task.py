@@ -15,27 +15,28 @@ def test_shuffles_are_fixed_derangements() -> None:
     for perm in chain.SHUFFLES:
         assert sorted(perm) == list(range(chain.DIGITS)) and all(perm[i] != i for i in range(chain.DIGITS))
     assert chain.SHUFFLES == chain._shuffles()  # drawn from a fixed seed: the same table in every process
+    assert len(chain.generated_group(chain.SHUFFLES)) == 120  # all of S5: no composition shortcut
 
 
 def test_item_text_and_path() -> None:
-    item = chain.make_item(6, [6, 0, 4, 8, 4, 7, 6, 7])
-    assert item.question == "Start at 6 and make the moves 60484767. Where do you end?"
-    path = [6]
+    item = chain.make_item(3, [1, 4, 0, 2, 3, 1, 1, 4])
+    assert item.question == "Start at 3 and make the moves 1 4 0 2 3 1 1 4. Where do you end?"
+    assert item.answer == "31441022334111044\n#### 4"  # 3, then (move, state) pairs
+    path = [3]
     for m in item.moves:
         path.append(chain.SHUFFLES[m][path[-1]])
-    assert item.path == path and item.answer == "".join(map(str, path)) + f"\n#### {path[-1]}"
-    assert len(item.answer) == chain.MOVES + 1 + 7
+    assert item.path == path == [3, 4, 1, 2, 3, 4, 1, 0, 4]
 
 
 def test_every_state_depends_on_the_one_before() -> None:
     """Changing one move changes the state from that move on (moves are bijections: an error is never undone)."""
     rng = random.Random(0)
     for _ in range(50):
-        start, moves = rng.randrange(10), [rng.randrange(10) for _ in range(chain.MOVES)]
+        start, moves = rng.randrange(chain.DIGITS), [rng.randrange(chain.DIGITS) for _ in range(chain.MOVES)]
         base = chain.walk(start, moves)
         k = rng.randrange(chain.MOVES)
         other = list(moves)
-        other[k] = next(m for m in range(10) if chain.SHUFFLES[m][base[k]] != base[k + 1])
+        other[k] = next(m for m in range(chain.DIGITS) if chain.SHUFFLES[m][base[k]] != base[k + 1])
         changed = chain.walk(start, other)
         assert changed[: k + 1] == base[: k + 1] and changed[k + 1] != base[k + 1]
         # the rest of the path differs at every later state from this point on only if the states differ: a
@@ -47,7 +48,7 @@ def test_bad_items_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="move digits"):
         chain.make_item(3, [1, 2, 3])
     with pytest.raises(ValueError, match="move digits"):
-        chain.make_item(10, [1] * chain.MOVES)
+        chain.make_item(chain.DIGITS, [1] * chain.MOVES)
     with pytest.raises(ValueError, match="split must be"):
         chain.sample_item(random.Random(0), "dev")
 
@@ -72,7 +73,7 @@ def test_split_is_by_content_and_disjoint() -> None:
     assert not any(chain.is_test(*key) for key in train)
     assert not train & {(it.start, it.moves) for it in test}
     # about one in ten contents is held out
-    draws = [chain.is_test(rng.randrange(10), [rng.randrange(10) for _ in range(8)]) for _ in range(4000)]
+    draws = [chain.is_test(rng.randrange(5), [rng.randrange(5) for _ in range(8)]) for _ in range(4000)]
     assert 0.07 < sum(draws) / len(draws) < 0.13
 
 
@@ -85,16 +86,20 @@ def test_shipped_jsonl_is_the_regenerated_test_set() -> None:
 
 
 @pytest.mark.parametrize("prediction, ok", [
-    ("641907352\n#### 2", True),
-    ("641907352\n#### 2<|im_end|>", True),
-    ("641907353\n#### 3", False),
-    ("641907352\n#### ", False),   # no final digit: falls back to the last number (the whole path)
-    ("641907352", False),
+    ("31441022334111044\n#### 4", True),
+    ("31441022334111044\n#### 4<|im_end|>", True),
+    ("31441022334111044\n#### 0", True),    # the summary line is not scored: the path is the answer
+    (" 31441022334111044", True),
+    ("31441022334111043\n#### 3", False),   # one wrong state
+    ("3144102233411104\n#### 4", False),    # a state missing
+    ("314410223341110440\n#### 4", False),  # a digit too many
+    ("#### 31441022334111044", False),
     ("", False),
-    ("#### 4\n#### 2", True),      # the last #### counts
 ])
 def test_scorer(prediction: str, ok: bool) -> None:
-    assert chain.is_correct(prediction, "641907352\n#### 2") is ok
+    assert chain.is_correct(prediction, "31441022334111044\n#### 4") is ok
+    with pytest.raises(ValueError, match="without a path"):
+        chain.is_correct(prediction, "#### 4")
 
 
 def test_eval_harness_registration() -> None:

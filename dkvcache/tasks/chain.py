@@ -1,25 +1,33 @@
 """The chain task: state tracking, a yardstick whose answer is a chain of dependent steps, so caches and parallel
 decoding show their cost.
 
-Task: ten fixed shuffles of the digits 0-9 (``SHUFFLES[m]``, drawn once from a fixed seed, learned in training)
-are the moves; the prompt gives a start digit and ``MOVES`` move digits, and the answer writes the start, the
-state after every move (``state = SHUFFLES[m][state]``), then the end in GSM8K style::
+Task: five fixed shuffles of the digits 0-4 (``SHUFFLES[m]``, like five cups; drawn once from a fixed seed,
+learned in training; together they generate all 120 permutations of five) are the moves; the prompt gives a
+start digit and ``MOVES`` move digits, and the answer writes the start, then for every move the move digit and
+the state after it (``state = SHUFFLES[move][state]``), then the end in GSM8K style::
 
-    question: "Start at 6 and make the moves 37105284. Where do you end?"
-    answer:   "641907352\n#### 2"
+    question: "Start at 3 and make the moves 1 4 0 2 3 1 1 4. Where do you end?"
+    answer:   "31441022334111044\n#### 4"      (3, then move 1 → 4, move 4 → 1, move 0 → 2, ...)
 
 Every state is a permutation of the state before it: it cannot be read off the prompt without the previous one,
-and composing several moves in one forward means composing permutations of ten elements (the word problem of
-S10, the textbook example of a computation with no shortcut for a shallow parallel model). A model that decodes
+and composing several moves in one forward means composing permutations of five elements (the word problem of
+S5, the textbook example of a computation with no known shortcut for a shallow parallel model). A model that decodes
 several states in one step must do that composition; a wrong state is never repaired by later moves (each move
-is a bijection), so the final answer is right only if every step is. Answers are 13 tokens (9 digits, newline,
-``####``, space, digit); 32-token generation window. The move digits and the answer are written without
-spaces, so the state after move ``k`` sits at a fixed distance from move ``k`` whatever the item.
+is a bijection), so the final answer is right only if every step is. Answers are 21 tokens (17 digits, newline,
+``####``, space, digit); 32-token generation window. Writing each move next to its state splits a step into two
+skills a tiny model learns quickly -- copy the move from the prompt (a fixed distance away: the prompt's moves
+are spaced, the answer's are every other digit) and apply the move to the state two digits back -- while the
+states still form the chain; the move digits can be copied in parallel, the states cannot.
 
 Split: by content. An item belongs to the test split iff the SHA-256 of ``"start|moves"`` modulo 10 is 0, so no
 held-out (start, moves) pair is ever seen in training, whatever the seed. ``dkvcache/tasks/data/chain_test.jsonl``
-(schema ``{"id", "question", "answer"}``, ``answer`` ending ``#### d``) holds 300 held-out items; scoring is the
-arith task's (:func:`dkvcache.tasks.arith.is_correct`: the number after the last ``####``).
+(schema ``{"id", "question", "answer"}``, ``answer`` ending ``#### d``) holds 300 held-out items.
+
+Scoring: exact match of the written chain -- the first number of the completion must equal the gold path
+(start, then every move and state). The ``#### d`` summary line is not scored: under confidence (and entropy)
+ordering the tiny Dream commits that digit before it has written the path (from a shortcut it learned in
+training), which would score Dream's vanilla decoding at ~21 % although its path is right on every item; the
+chain is what every strategy must get right, and a wrong state makes the path wrong.
 
 CLI (the same as the arith task's)::
 
@@ -31,8 +39,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,10 +50,10 @@ from typing import Any
 
 from dkvcache.tasks import arith, arith_tables, chain_tables
 
-DIGITS = 10
+DIGITS = 5  # states and move kinds are both the digits 0-4
 MOVES = 8
 SHUFFLE_SEED = 20261201
-GEN_LENGTH = 32  # the generation window of every default setting (answers are 13 tokens + end of turn)
+GEN_LENGTH = 32  # the generation window of every default setting (answers are 21 tokens + end of turn)
 BLOCK_LENGTH = 32
 TEST_FRACTION_MOD = 10
 DATA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "chain_test.jsonl")
@@ -55,20 +65,34 @@ TEST_SIZE = 300
 WORDS = ("Start", "at", "and", "make", "the", "moves", "Where", "do", "you", "end", "You", "are", "a", "helpful",
          "assistant", "system", "user", "####")
 
-# the scorer is the arith task's: the number after the last "####"
-extract_answer = arith.extract_answer
-is_correct = arith.is_correct
 
 
 def _shuffles(seed: int = SHUFFLE_SEED) -> tuple[tuple[int, ...], ...]:
-    """Ten distinct permutations of 0..9, none with a fixed point (so every move changes the state)."""
+    """``DIGITS`` distinct permutations of 0..DIGITS-1, none with a fixed point (every move changes the state),
+    that together generate every permutation (so no composition of moves has a shortcut)."""
     rng, out = random.Random(seed), []
     while len(out) < DIGITS:
         perm = list(range(DIGITS))
         rng.shuffle(perm)
         if all(perm[i] != i for i in range(DIGITS)) and tuple(perm) not in out:
             out.append(tuple(perm))
+        if len(out) == DIGITS and len(generated_group(out)) < math.factorial(DIGITS):
+            out.pop(0)
     return tuple(out)
+
+
+def generated_group(perms: Sequence[Sequence[int]]) -> set[tuple[int, ...]]:
+    """Every permutation that compositions of ``perms`` reach (closure from the identity)."""
+    seen = {tuple(range(len(perms[0])))}
+    frontier = list(seen)
+    while frontier:
+        current = frontier.pop()
+        for p in perms:
+            nxt = tuple(p[current[i]] for i in range(len(current)))
+            if nxt not in seen:
+                seen.add(nxt)
+                frontier.append(nxt)
+    return seen
 
 
 SHUFFLES = _shuffles()
@@ -107,12 +131,12 @@ def is_test(start: int, moves: Sequence[int]) -> bool:
 
 
 def question_text(start: int, moves: Sequence[int]) -> str:
-    return f"Start at {start} and make the moves {''.join(str(m) for m in moves)}. Where do you end?"
+    return f"Start at {start} and make the moves {' '.join(str(m) for m in moves)}. Where do you end?"
 
 
 def answer_text(start: int, moves: Sequence[int]) -> str:
     path = walk(start, moves)
-    return "".join(str(d) for d in path) + f"\n#### {path[-1]}"
+    return str(start) + "".join(f"{m}{s}" for m, s in zip(moves, path[1:])) + f"\n#### {path[-1]}"
 
 
 def make_item(start: int, moves: Sequence[int]) -> Item:
@@ -142,6 +166,24 @@ def make_test_items(n: int = TEST_SIZE, seed: int = TEST_SEED) -> list[Item]:
             seen.add((item.start, item.moves))
             items.append(item)
     return items
+
+
+# -- scoring ---------------------------------------------------------------------------------------------------
+_PATH = re.compile(r"\s*(\d+)")
+
+
+def extract_answer(text: str) -> str | None:
+    """The written path: the digits the completion starts with (leading white space skipped), else None."""
+    found = _PATH.match(text)
+    return found.group(1) if found else None
+
+
+def is_correct(prediction: str, answer: str) -> bool:
+    """True iff the completion's path equals the gold path (every move and state; the ``####`` line unscored)."""
+    gold = extract_answer(answer)
+    if gold is None:
+        raise ValueError(f"gold answer without a path: {answer!r}")
+    return extract_answer(prediction) == gold
 
 
 def write_jsonl(items: Iterable[Item], path: str = DATA_PATH) -> None:
@@ -179,8 +221,8 @@ def merge_kwargs(family: str, overrides: dict) -> dict:
 
 
 def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int = 100, **gen_kwargs: Any) -> dict:
-    """Accuracy and speed on ``rows``; the arith evaluator (same scorer, same statistics)."""
-    return arith.evaluate(model, tokenizer, rows, batch_size=batch_size, **gen_kwargs)
+    """Accuracy and speed on ``rows``: the arith evaluator (same statistics) with this task's scorer."""
+    return arith.evaluate(model, tokenizer, rows, batch_size=batch_size, scorer=is_correct, **gen_kwargs)
 
 
 # -- CLI -------------------------------------------------------------------------------------------------------
