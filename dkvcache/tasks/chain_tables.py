@@ -224,7 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| {a['setting']} | {100 * a['accuracy']:.1f} % | {100 * b['accuracy']:.1f} % |")
     print(f"\nKendall tau-b {result['kendall_tau_b']:.3f}; {result['separated_pairs']} pair orderings separated "
           f"(non-overlapping Wilson intervals) in one run; inversions in the other: "
-          f"{len(result['inversions'])} {result['inversions'] or ''}")
+          f"{len(result['inversions'])}")
+    for pair in result["inversions"][:10]:
+        print(f"  inverted: {pair[0]} vs {pair[1]}")
     print("same ranking" if result["same_ranking"] else "ranking differs")
     return 0
 
