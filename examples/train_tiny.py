@@ -10,7 +10,8 @@ tracking); the tokenizer keeps the task's words whole. ``--task chain`` defaults
 steps of 32 (``TASK_DEFAULTS``). Its CPU budget (the shipped chain checkpoints, seed 0): 4000 steps x batch 32,
 1 thread each, the Dream and LLaDA runs side by side on 2 shared cores, 1521 s (Dream) and 1473 s (LLaDA) of
 training (~0.25-0.4 s a step), then a 1-minute evaluation; held-out accuracy (vanilla, path scoring) 100 % for
-both. Seed 1 of the same recipe: see docs/accuracy.md.
+both. Other seeds of the same recipe mostly stay on the loss plateau (1 in 3 LLaDA, 1 in 4 Dream reached
+90 %): see docs/accuracy.md.
 
 Writes ``OUT/{config.json, generation_config.json, model.safetensors (bf16), tokenizer.json,
 tokenizer_config.json, train_log.jsonl}`` and prints the held-out accuracy of the saved checkpoint with vanilla
