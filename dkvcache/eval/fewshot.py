@@ -88,4 +88,5 @@ MBPP = [
                    "assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],5)==[85, 75, 65, 58, 35]"]},
 ]
 
-LIMITS = {"gsm8k": len(GSM8K), "math-500": len(MATH), "mbpp": len(MBPP), "humaneval": 0, "arith": 0}
+LIMITS = {"gsm8k": len(GSM8K), "math-500": len(MATH), "mbpp": len(MBPP), "humaneval": 0, "arith": 0,
+          "chain": 0}

@@ -9,6 +9,7 @@ by a blank line; for chat models the whole few-shot context is one user turn, as
              chat: lm-eval's humaneval_instruct turn + the answer prefix ``Here is the completed function:``
              and an open python fence (stop at the closing fence)
   arith      the question alone (the tiny checkpoints' training format)
+  chain      the question alone (the chain checkpoints' training format)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ STOP_STRINGS = {
     "mbpp": ["[DONE]"],
     "humaneval": [],
     "arith": [],
+    "chain": [],
 }
 HUMANEVAL_INSTRUCT = "Write a solution to the following problem and make sure that it passes the tests:\n```python\n"
 HUMANEVAL_PREFIX = "Here is the completed function:\n```python\n"
@@ -64,7 +66,7 @@ def _arith(item: dict, n_shot: int) -> tuple[str, str]:
     return item["question"], ""
 
 
-BUILDERS = {"gsm8k": _gsm8k, "math-500": _math, "mbpp": _mbpp, "arith": _arith}
+BUILDERS = {"gsm8k": _gsm8k, "math-500": _math, "mbpp": _mbpp, "arith": _arith, "chain": _arith}
 
 
 def check_n_shot(task: str, n_shot: int) -> None:

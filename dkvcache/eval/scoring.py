@@ -10,6 +10,7 @@ Per task, ``score`` (what ``accuracy`` averages) and extra ``metrics``:
   humaneval, mbpp  score = the test program ran to its end in the sandbox (pass@1 with one greedy sample);
             metric ``result``: passed / failed: … / timed out / crashed: ….
   arith     score = :func:`dkvcache.tasks.arith.is_correct` (the tiny task's own rule).
+  chain     score = :func:`dkvcache.tasks.chain.is_correct` (exact match of the written path).
 math-verify's ``parse`` uses ``signal.alarm`` for its timeout, which only works in the main thread: elsewhere it
 is called without a timeout (``parsing_timeout=None``); the harness scores in its main thread.
 """
@@ -135,7 +136,13 @@ def score_arith(item: dict, completion: str) -> tuple[float, dict]:
     return float(arith.is_correct(completion, item["answer"])), {"extracted": arith.extract_answer(completion)}
 
 
-MATH_SCORERS = {"gsm8k": score_gsm8k, "math-500": score_math500, "arith": score_arith}
+def score_chain(item: dict, completion: str) -> tuple[float, dict]:
+    from dkvcache.tasks import chain
+
+    return float(chain.is_correct(completion, item["answer"])), {"extracted": chain.extract_answer(completion)}
+
+
+MATH_SCORERS = {"gsm8k": score_gsm8k, "math-500": score_math500, "arith": score_arith, "chain": score_chain}
 CODE_TASKS = ("humaneval", "mbpp")
 
 

@@ -35,7 +35,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,10 +219,11 @@ def chat_prompts(tokenizer: Any, questions: Sequence[str]) -> list[str]:
 
 
 def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int = 64, progress: bool = False,
-             **gen_kwargs: Any) -> dict:
+             scorer: Callable[[str, str], bool] | None = None, **gen_kwargs: Any) -> dict:
     """Accuracy and speed of ``model.diffusion_generate(**gen_kwargs)`` on ``rows`` (dicts with question/answer).
 
-    ``gen_kwargs`` are passed through unchanged (with ``return_dict_in_generate=True`` added). Returns accuracy,
+    ``gen_kwargs`` are passed through unchanged (with ``return_dict_in_generate=True`` added); ``scorer``
+    (prediction, gold answer) -> bool defaults to :func:`is_correct`. Returns accuracy,
     n, tokens_per_s (response tokens up to EOS over generation wall time), tokens_per_forward, forwards (per
     batch, summed), the predictions and the summed per-batch stats.
     """
@@ -259,7 +260,7 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int =
         seconds += float(stats.get("wall_time_s", 0.0))
         fed_x_rows += float(stats.get("fed_fraction", 1.0)) * len(chunk)
         for row, text in zip(chunk, texts):
-            ok = is_correct(text, row["answer"])
+            ok = (scorer or is_correct)(text, row["answer"])
             correct += ok
             predictions.append({"question": row["question"], "prediction": text, "correct": bool(ok)})
     n = len(rows)

@@ -1,0 +1,235 @@
+"""The chain task's accuracy-vs-speed table: every strategy and decoder at its defaults and at one aggressive
+setting, on the same held-out items in one process, with a Wilson 95 % interval per row.
+
+    python -m dkvcache.tasks.chain --model assets/tiny-llada-chain --table yardstick --plot llada.png
+
+The first row is vanilla decoding (one token a step, no cache), the speed-up reference. ``compare`` checks that
+two checkpoints (two training seeds) rank the rows the same way::
+
+    python -m dkvcache.tasks.chain --model A --table yardstick --save a.json
+    python -m dkvcache.tasks.chain --model B --table yardstick --save b.json
+    python -m dkvcache.tasks.chain_tables a.json b.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+TABLES = ("yardstick",)
+
+
+def _yardstick(family: str, gen: int) -> list[tuple[str, dict]]:
+    """(label, overrides): each strategy/decoder at its defaults, then its aggressive setting (marked "!")."""
+    cache = {"use_cache": True}
+    prob = {"alg": "maskgit_plus"} if family == "dream" else {}  # thresholds need a probability score
+    block = {"block_length": 32, **prob}
+    rows: list[tuple[str, dict]] = [
+        ("vanilla (one token a step)", {}),
+        (f"! steps {gen // 4} (4 tokens a step)", {"steps": gen // 4}),
+        ("dKV decoded, cache_steps 4", {**cache, "cache_type": "decoded", "cache_steps": 4}),
+        (f"! dKV decoded, cache_steps {gen} (never refreshed)",
+         {**cache, "cache_type": "decoded", "cache_steps": gen}),
+        ("dKV prefill", {**cache, "cache_type": "prefill"}),
+        ("dKV pd, cache_steps 4", {**cache, "cache_type": "pd", "cache_steps": 4}),
+        (f"! dKV pd, cache_steps {gen} (never refreshed)", {**cache, "cache_type": "pd", "cache_steps": gen}),
+    ]
+    if family == "llada":
+        greedy = {**cache, "cache_type": "greedy", "remasking": "random", "seed": 0}
+        rows += [("dKV greedy, cache_steps 2 (random order)", {**greedy, "cache_steps": 2}),
+                 ("! dKV greedy, cache_steps 8 (random order)", {**greedy, "cache_steps": 8})]
+    rows += [
+        ("Fast-dLLM prefix, block 32", {**cache, "cache_type": "prefix", **block}),
+        ("Fast-dLLM dual, block 32", {**cache, "cache_type": "dual", **block}),
+        ("Fast-dLLM dual + threshold 0.9", {**cache, "cache_type": "dual", **block, "threshold": 0.9}),
+        ("! Fast-dLLM dual + threshold 0.3", {**cache, "cache_type": "dual", **block, "threshold": 0.3}),
+        ("dLLM-Cache kp 50, kr 2, rou 0.25", {**cache, "cache_type": "dllm", "kp": 50, "kr": 2, "rou": 0.25}),
+        (f"! dLLM-Cache kp {gen}, kr {gen}, rou 0 (never refreshed)",
+         {**cache, "cache_type": "dllm", "kp": gen, "kr": gen, "rou": 0.0}),
+        ("d2Cache (defaults)", {**cache, "cache_type": "d2", **prob}),
+        ("! d2Cache current_k 8 + threshold 0.5",
+         {**cache, "cache_type": "d2", **prob, "current_k": 8, "threshold": 0.5}),
+    ]
+    mg = {"alg": "maskgit_plus"}
+    for name, opts in (("pc_sampler", {}), ("klass", {}), ("eb_sampler", {}), ("ar", {})):
+        rows += [(f"decoder {name} (defaults)", {**mg, "decoding": name, **opts}),
+                 (f"! decoder {name} + threshold 0.3", {**mg, "decoding": name, **opts, "threshold": 0.3})]
+    rows[-3] = ("! decoder eb_sampler, gamma 1.0", {**mg, "decoding": "eb_sampler", "gamma": 1.0})
+    rows += [("decoder wino (0.7, 0.9)", {**mg, "decoding": "wino"}),
+             ("! decoder wino (0.3, 0.5)", {**mg, "decoding": "wino", "wide_in_thres": 0.3,
+                                            "narrow_out_thres": 0.5})]
+    return rows
+
+
+def table_settings(name: str, family: str, gen_length: int) -> list[tuple[str, dict]]:
+    """(label, diffusion_generate overrides) rows of table ``name``; the arith tables' names work too."""
+    if family not in ("dream", "llada"):
+        raise ValueError(f"family must be 'dream' or 'llada', got {family!r}")
+    if name == "yardstick":
+        return _yardstick(family, gen_length)
+    from dkvcache.tasks import arith_tables
+
+    return arith_tables.table_settings(name, family, gen_length)
+
+
+def pc_table_from_train_split(tokenizer: Any, vocab_size: int, items: int = 5000, seed: int = 0) -> Any:
+    """PC-sampler's unigram table for the chain task: ``items`` train-split questions and answers."""
+    from dkvcache.decoders import build_unigram_table
+    from dkvcache.tasks import chain
+
+    rng = random.Random(seed)
+    sample = [chain.sample_item(rng, "train") for _ in range(items)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "corpus.txt")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(f"{it.question}\n{it.answer}" for it in sample) + "\n")
+        return build_unigram_table(tokenizer, path, vocab_size)
+
+
+def run(model: Any, tokenizer: Any, rows: Sequence[dict], table: str | None, family: str, overrides: dict,
+        batch_size: int = 100, show: int = 0, as_json: bool = False, label: str = "") -> list[dict]:
+    """Evaluate every setting of ``table`` (or the defaults alone) on ``rows``, printing one line per setting."""
+    from dkvcache.tasks import chain
+
+    settings = table_settings(table, family, chain.GEN_LENGTH) if table else [("run", {})]
+    if table:  # untimed warm-up, so the first row's wall time (the speed-up reference) is not inflated
+        chain.evaluate(model, tokenizer, rows[:2], batch_size=2,
+                       **chain.merge_kwargs(family, {**settings[0][1], **overrides}))
+    pc_table, results = None, []
+    for name, setting in settings:
+        kwargs = chain.merge_kwargs(family, {**setting, **overrides})
+        if kwargs.get("decoding") == "pc_sampler" and kwargs.get("pc_frequencies") is None:
+            if pc_table is None:  # built once, from train-split text only
+                pc_table = pc_table_from_train_split(tokenizer, model.config.vocab_size)
+            kwargs["pc_frequencies"] = pc_table
+        start = time.perf_counter()
+        result = chain.evaluate(model, tokenizer, rows, batch_size=batch_size, **kwargs)
+        shown = {k: (v if isinstance(v, (str, int, float, bool, list, type(None))) else f"<{type(v).__name__}>")
+                 for k, v in kwargs.items()}
+        result.update(setting=name, kwargs=shown, eval_s=time.perf_counter() - start)
+        result["ci95"] = wilson(result["correct"], result["n"])
+        results.append(result)
+        print(f"[{label}] {name}: {shown}")
+        print(f"  accuracy {result['accuracy']:.4f} ({result['correct']}/{result['n']}) "
+              f"CI [{result['ci95'][0]:.3f}, {result['ci95'][1]:.3f}]  tokens/s {result['tokens_per_s']:.1f}  "
+              f"tokens/forward {result['tokens_per_forward']:.3f}  fed {result['fed_fraction']:.2f}", flush=True)
+        for p in result["predictions"][:show]:
+            print(f"  {'OK ' if p['correct'] else 'BAD'} {p['question']!r} -> {p['prediction']!r}")
+        if as_json:
+            print(json.dumps({k: v for k, v in result.items() if k != "predictions"}))
+    return results
+
+
+def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95 % by default)."""
+    if n <= 0:
+        raise ValueError(f"need at least one item, got n={n}")
+    if not 0 <= correct <= n:
+        raise ValueError(f"correct must be in [0, {n}], got {correct}")
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def markdown(results: list[dict]) -> str:
+    """Accuracy with its Wilson 95 % interval, drop vs the first row, speed-up, tokens/forward, tokens/s, fed."""
+    base, base_acc = results[0]["wall_time_s"], results[0]["accuracy"]
+    lines = ["| setting | accuracy (95 % CI) | Δ pts | speed-up | tokens/forward | tokens/s | fed |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lo, hi = r.get("ci95") or wilson(r["correct"], r["n"])
+        speedup = base / r["wall_time_s"] if r["wall_time_s"] > 0 else float("nan")
+        lines.append(f"| {r['setting']} | {100 * r['accuracy']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}] "
+                     f"({r['correct']}/{r['n']}) | {100 * (r['accuracy'] - base_acc):+.1f} | {speedup:.2f}× | "
+                     f"{r['tokens_per_forward']:.2f} | {r['tokens_per_s']:.0f} | {r['fed_fraction']:.2f} |")
+    return "\n".join(lines)
+
+
+def compare(first: list[dict], second: list[dict]) -> dict:
+    """Do two runs of the same table (two training seeds) rank the rows the same way?
+
+    A pair of rows is *separated* in a run when their Wilson intervals do not overlap. The ranking agrees when no
+    pair separated in one run is ordered the other way round in the other (an inversion); Kendall's tau-b over
+    all rows is reported as well.
+    """
+    if [r["setting"] for r in first] != [r["setting"] for r in second]:
+        raise ValueError("the two runs must have the same rows in the same order")
+    a = [r["accuracy"] for r in first]
+    b = [r["accuracy"] for r in second]
+    inversions, separated = [], 0
+    for i in range(len(a)):
+        for j in range(i + 1, len(a)):
+            for run_x, run_y in ((first, second), (second, first)):
+                x_i, x_j = run_x[i], run_x[j]
+                (lo_i, hi_i), (lo_j, hi_j) = (wilson(x_i["correct"], x_i["n"]), wilson(x_j["correct"], x_j["n"]))
+                if lo_i > hi_j or lo_j > hi_i:
+                    separated += 1
+                    sign = (x_i["accuracy"] > x_j["accuracy"]) - (x_i["accuracy"] < x_j["accuracy"])
+                    other = (run_y[i]["accuracy"] > run_y[j]["accuracy"]) - (run_y[i]["accuracy"] <
+                                                                             run_y[j]["accuracy"])
+                    if other == -sign:
+                        inversions.append((first[i]["setting"], first[j]["setting"]))
+    return {"kendall_tau_b": kendall_tau_b(a, b), "separated_pairs": separated,
+            "inversions": sorted(set(inversions)), "same_ranking": not inversions}
+
+
+def kendall_tau_b(a: Sequence[float], b: Sequence[float]) -> float:
+    """Kendall's tau-b (ties in either list handled) of two equally long lists."""
+    concordant = discordant = ties_a = ties_b = 0
+    for i in range(len(a)):
+        for j in range(i + 1, len(a)):
+            da, db = (a[i] > a[j]) - (a[i] < a[j]), (b[i] > b[j]) - (b[i] < b[j])
+            if da == 0 and db == 0:
+                continue
+            if da == 0:
+                ties_a += 1
+            elif db == 0:
+                ties_b += 1
+            elif da == db:
+                concordant += 1
+            else:
+                discordant += 1
+    denom = math.sqrt((concordant + discordant + ties_a) * (concordant + discordant + ties_b))
+    return (concordant - discordant) / denom if denom else float("nan")
+
+
+def save(results: list[dict], path: str) -> None:
+    """The rows of a table run, without the predictions, as JSON (for :func:`compare`)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump([{k: v for k, v in r.items() if k != "predictions"} for r in results], f, indent=1)
+        f.write("\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dkvcache.tasks.chain_tables A.json B.json``: the two-seed ranking check of two saved runs."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 2:
+        raise ValueError("usage: python -m dkvcache.tasks.chain_tables FIRST.json SECOND.json")
+    runs = []
+    for path in argv:
+        with open(path, encoding="utf-8") as f:
+            runs.append(json.load(f))
+    result = compare(*runs)
+    print("| setting | first | second |\n|---|---|---|")
+    for a, b in zip(*runs):
+        print(f"| {a['setting']} | {100 * a['accuracy']:.1f} % | {100 * b['accuracy']:.1f} % |")
+    print(f"\nKendall tau-b {result['kendall_tau_b']:.3f}; {result['separated_pairs']} pair orderings separated "
+          f"(non-overlapping Wilson intervals) in one run; inversions in the other: "
+          f"{len(result['inversions'])}")
+    for pair in result["inversions"][:10]:
+        print(f"  inverted: {pair[0]} vs {pair[1]}")
+    print("same ranking" if result["same_ranking"] else "ranking differs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

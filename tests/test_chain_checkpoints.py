@@ -1,0 +1,95 @@
+"""The tiny checkpoints trained on the chain task (assets/tiny-{dream,llada}-chain): offline loading, size, a
+vanilla accuracy floor, the yardstick table CLI and the eval harness on the chain dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+import models  # noqa: F401  (Auto registrations)
+from dkvcache.tasks import chain, chain_tables
+
+pytestmark = pytest.mark.slow  # deselect with -m "not slow" (README)
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {"dream": ROOT / "assets" / "tiny-dream-chain", "llada": ROOT / "assets" / "tiny-llada-chain"}
+
+
+@pytest.fixture(scope="module", params=["dream", "llada"])
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def test_files_and_size(family: str) -> None:
+    path = MODELS[family]
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", "train_log.jsonl"):
+        assert (path / name).is_file(), name
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 10 * 1024 * 1024
+
+
+def test_loads_offline_and_passes_a_vanilla_floor(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = AutoModel.from_pretrained(MODELS[family], dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(MODELS[family])
+    assert model.diffusion_family == family
+    rows = chain.load_jsonl(limit=20)
+    result = chain.evaluate(model, tokenizer, rows, batch_size=20, **chain.default_generation_kwargs(family))
+    assert result["accuracy"] >= 0.8, result["predictions"][:3]
+
+
+def test_yardstick_cli_runs_every_row(family: str, capsys: pytest.CaptureFixture) -> None:
+    assert chain.main(["--model", str(MODELS[family]), "--table", "yardstick", "--limit", "2",
+                       "--batch-size", "2", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("| setting |"):].strip().splitlines()
+    settings = chain_tables.table_settings("yardstick", family, chain.GEN_LENGTH)
+    assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:]] == [label for label, _ in settings]
+    assert "| 1.00× |" in lines[2]
+
+
+def test_eval_harness_runs_the_chain_dataset(tmp_path: Path) -> None:
+    pytest.importorskip("hydra", reason="the eval extras are not installed")
+    pytest.importorskip("math_verify", reason="the eval extras are not installed")
+    from dkvcache.eval import config as C
+    from dkvcache.eval import records, runner
+
+    cfg = C.load(["model=tiny-llada-chain", f"model.path={MODELS['llada']}", "dataset=chain", "dataset.limit=4",
+                  "batch_size=4", f"output_dir={tmp_path}", "threads=1", "progress=false"])
+    assert cfg["dataset"]["gen_length"] == chain.GEN_LENGTH
+    summary = runner.run(cfg, log=lambda *_: None)
+    samples = records.read_records(os.path.join(summary["run_dir"], records.SAMPLES))
+    assert [s["id"] for s in samples] == [f"chain-{i:04d}" for i in range(4)] and summary["complete"]
+    model, tokenizer = chain.arith.load_model(str(MODELS["llada"]))
+    reference = chain.evaluate(model, tokenizer, chain.load_jsonl(limit=4), batch_size=4, **C.generate_kwargs(cfg))
+    assert [s["score"] for s in samples] == [float(p["correct"]) for p in reference["predictions"]]
+
+
+def test_train_script_takes_the_chain_task(tmp_path: Path) -> None:
+    """``--task chain``: the task's vocabulary in the tokenizer, its 32-token window, its held-out items."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "examples" / "train_tiny.py")
+    train_tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_tiny)
+    args = train_tiny.parse_args(["--arch", "dream", "--out", "x", "--task", "chain"])
+    assert (args.layers, args.lr, args.steps) == (3, 2e-3, 4000)  # the chain recipe
+    assert train_tiny.parse_args(["--arch", "dream", "--out", "x"]).task == "arith"  # old commands unchanged
+    threads = torch.get_num_threads()
+    try:
+        train_tiny.main(["--task", "chain", "--arch", "llada", "--out", str(tmp_path), "--steps", "2",
+                         "--batch-size", "4", "--hidden", "32", "--layers", "1", "--heads", "2", "--warmup", "1",
+                         "--log-every", "1", "--eval-limit", "2", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    row = chain.load_jsonl(limit=1)[0]
+    ids = tokenizer(row["question"], add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == row["question"]
+    assert "moves" in tokenizer.get_vocab() and "apples" not in tokenizer.get_vocab()
+    assert json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[0])["step"] == 1

@@ -1,0 +1,162 @@
+"""The state-tracking chain task (dkvcache.tasks.chain): generator, content split, scorer, shipped data, tables."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from dkvcache.eval import datasets, prompts, scoring
+from dkvcache.tasks import chain, chain_tables
+
+
+def test_shuffles_are_fixed_derangements() -> None:
+    assert len(set(chain.SHUFFLES)) == chain.DIGITS
+    for perm in chain.SHUFFLES:
+        assert sorted(perm) == list(range(chain.DIGITS)) and all(perm[i] != i for i in range(chain.DIGITS))
+    assert chain.SHUFFLES == chain._shuffles()  # drawn from a fixed seed: the same table in every process
+    assert len(chain.generated_group(chain.SHUFFLES)) == 120  # all of S5: no composition shortcut
+
+
+def test_item_text_and_path() -> None:
+    item = chain.make_item(3, [1, 4, 0, 2, 3, 1, 1, 4])
+    assert item.question == "Start at 3 and make the moves 1 4 0 2 3 1 1 4. Where do you end?"
+    assert item.answer == "31441022334111044\n#### 4"  # 3, then (move, state) pairs
+    path = [3]
+    for m in item.moves:
+        path.append(chain.SHUFFLES[m][path[-1]])
+    assert item.path == path == [3, 4, 1, 2, 3, 4, 1, 0, 4]
+
+
+def test_every_state_depends_on_the_one_before() -> None:
+    """Changing one move changes the state from that move on (moves are bijections: an error is never undone)."""
+    rng = random.Random(0)
+    for _ in range(50):
+        start, moves = rng.randrange(chain.DIGITS), [rng.randrange(chain.DIGITS) for _ in range(chain.MOVES)]
+        base = chain.walk(start, moves)
+        k = rng.randrange(chain.MOVES)
+        other = list(moves)
+        other[k] = next(m for m in range(chain.DIGITS) if chain.SHUFFLES[m][base[k]] != base[k + 1])
+        changed = chain.walk(start, other)
+        assert changed[: k + 1] == base[: k + 1] and changed[k + 1] != base[k + 1]
+        # the rest of the path differs at every later state from this point on only if the states differ: a
+        # bijection never maps two different states to the same one
+        assert all(a != b for a, b in zip(changed[k + 1:], base[k + 1:]))
+
+
+def test_bad_items_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="move digits"):
+        chain.make_item(3, [1, 2, 3])
+    with pytest.raises(ValueError, match="move digits"):
+        chain.make_item(chain.DIGITS, [1] * chain.MOVES)
+    with pytest.raises(ValueError, match="split must be"):
+        chain.sample_item(random.Random(0), "dev")
+
+
+def test_generator_is_deterministic() -> None:
+    a = [chain.sample_item(random.Random(7)) for _ in range(3)]
+    b = [chain.sample_item(random.Random(7)) for _ in range(3)]
+    assert a == b
+    rng = random.Random(1)
+    for _ in range(200):
+        item = chain.sample_item(rng, "train")
+        assert chain.is_correct(item.answer, item.answer) and len(item.path) == chain.MOVES + 1
+    assert chain.make_test_items(20) == chain.make_test_items(20)
+
+
+def test_split_is_by_content_and_disjoint() -> None:
+    rng = random.Random(3)
+    train = {(it.start, it.moves) for it in (chain.sample_item(rng, "train") for _ in range(3000))}
+    test = chain.make_test_items()
+    assert len({(it.start, it.moves) for it in test}) == chain.TEST_SIZE  # distinct contents
+    assert all(chain.is_test(it.start, it.moves) for it in test)
+    assert not any(chain.is_test(*key) for key in train)
+    assert not train & {(it.start, it.moves) for it in test}
+    # about one in ten contents is held out
+    draws = [chain.is_test(rng.randrange(5), [rng.randrange(5) for _ in range(8)]) for _ in range(4000)]
+    assert 0.07 < sum(draws) / len(draws) < 0.13
+
+
+def test_shipped_jsonl_is_the_regenerated_test_set() -> None:
+    rows = chain.load_jsonl()
+    assert len(rows) == chain.TEST_SIZE and rows[0]["id"] == "chain-0000"
+    expected = chain.make_test_items()
+    assert [(r["question"], r["answer"]) for r in rows] == [(it.question, it.answer) for it in expected]
+    assert chain.load_jsonl(limit=5) == rows[:5]
+
+
+@pytest.mark.parametrize("prediction, ok", [
+    ("31441022334111044\n#### 4", True),
+    ("31441022334111044\n#### 4<|im_end|>", True),
+    ("31441022334111044\n#### 0", True),    # the summary line is not scored: the path is the answer
+    (" 31441022334111044", True),
+    ("31441022334111043\n#### 3", False),   # one wrong state
+    ("3144102233411104\n#### 4", False),    # a state missing
+    ("314410223341110440\n#### 4", False),  # a digit too many
+    ("#### 31441022334111044", False),
+    ("", False),
+])
+def test_scorer(prediction: str, ok: bool) -> None:
+    assert chain.is_correct(prediction, "31441022334111044\n#### 4") is ok
+    with pytest.raises(ValueError, match="without a path"):
+        chain.is_correct(prediction, "#### 4")
+
+
+def test_eval_harness_registration() -> None:
+    items = datasets.load_items({"name": "chain", "limit": 3})
+    assert [it["id"] for it in items] == ["chain-0000", "chain-0001", "chain-0002"]
+    assert scoring.MATH_SCORERS["chain"](items[0], items[0]["answer"])[0] == 1.0
+    assert prompts.BUILDERS["chain"](items[0], 0) == (items[0]["question"], "")
+
+
+@pytest.mark.parametrize("family", ["dream", "llada"])
+def test_yardstick_rows(family: str) -> None:
+    rows = chain_tables.table_settings("yardstick", family, chain.GEN_LENGTH)
+    labels = [label for label, _ in rows]
+    assert rows[0] == ("vanilla (one token a step)", {}) and len(set(labels)) == len(labels)
+    aggressive = [label for label in labels if label.startswith("!")]
+    assert len(aggressive) >= 10
+    assert any(kw.get("cache_type") == "greedy" for _, kw in rows) == (family == "llada")
+    for _, kw in rows:  # Dream's threshold rows need a probability score
+        if family == "dream" and "threshold" in kw:
+            assert kw.get("alg") == "maskgit_plus"
+    with pytest.raises(ValueError, match="family must be"):
+        chain_tables.table_settings("yardstick", "gpt", 32)
+
+
+def test_wilson_interval() -> None:
+    lo, hi = chain_tables.wilson(270, 300)
+    assert lo == pytest.approx(0.8606, abs=1e-3) and hi == pytest.approx(0.9290, abs=1e-3)
+    assert chain_tables.wilson(300, 300)[1] == pytest.approx(1.0)
+    assert chain_tables.wilson(0, 300)[0] == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        chain_tables.wilson(3, 2)
+
+
+def _row(setting: str, correct: int, n: int = 300) -> dict:
+    return {"setting": setting, "accuracy": correct / n, "correct": correct, "n": n, "wall_time_s": 1.0,
+            "tokens_per_forward": 1.0, "tokens_per_s": 10.0, "fed_fraction": 1.0}
+
+
+def test_compare_ranking() -> None:
+    a = [_row("v", 290), _row("x", 150), _row("y", 288)]
+    same = chain_tables.compare(a, [_row("v", 285), _row("x", 120), _row("y", 286)])
+    assert same["same_ranking"] and same["separated_pairs"] > 0
+    flipped = chain_tables.compare(a, [_row("v", 100), _row("x", 280), _row("y", 286)])
+    assert not flipped["same_ranking"] and ("v", "x") in flipped["inversions"]
+    assert chain_tables.kendall_tau_b([1, 2, 3], [1, 2, 3]) == pytest.approx(1.0)
+    assert chain_tables.kendall_tau_b([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="same rows"):
+        chain_tables.compare(a, a[:2])
+
+
+def test_markdown_has_interval_and_drop() -> None:
+    text = chain_tables.markdown([_row("v", 270), _row("x", 150)])
+    assert "| x | 50.0 % [44.4, 55.6] (150/300) | -40.0 | 1.00× |" in text
+
+
+def test_cli_errors() -> None:
+    with pytest.raises(ValueError, match="--limit"):
+        chain.main(["--model", "x", "--limit", "0"])
+    with pytest.raises(SystemExit):
+        chain.main(["--limit", "3"])  # no --model
