@@ -192,19 +192,20 @@ def is_correct(prediction: str, answer: str) -> bool:
 
 
 # -- evaluation ------------------------------------------------------------------------------------------------
-def default_generation_kwargs(family: str) -> dict:
-    """Vanilla decoding: one token per step over the 64-token answer window, greedy."""
+def default_generation_kwargs(family: str, gen_length: int = GEN_LENGTH, block_length: int = 32) -> dict:
+    """Vanilla decoding: one token per step over the answer window (64 tokens here), greedy."""
     if family == "dream":
-        return {"max_new_tokens": GEN_LENGTH, "steps": GEN_LENGTH, "alg": "entropy", "temperature": 0.0}
+        return {"max_new_tokens": gen_length, "steps": gen_length, "alg": "entropy", "temperature": 0.0}
     if family == "llada":
-        return {"gen_length": GEN_LENGTH, "steps": GEN_LENGTH, "block_length": 32, "remasking": "low_confidence",
-                "temperature": 0.0}
+        return {"gen_length": gen_length, "steps": gen_length, "block_length": block_length,
+                "remasking": "low_confidence", "temperature": 0.0}
     raise ValueError(f"unknown diffusion family {family!r}; expected 'dream' or 'llada'")
 
 
-def merge_kwargs(family: str, overrides: dict) -> dict:
-    """Family defaults updated by ``overrides``; a LLaDA-style name replaces its Dream-style twin and back."""
-    kwargs = default_generation_kwargs(family)
+def merge_kwargs(family: str, overrides: dict, **window: int) -> dict:
+    """Family defaults (``window``: gen_length / block_length of another task) updated by ``overrides``; a
+    LLaDA-style name replaces its Dream-style twin and back."""
+    kwargs = default_generation_kwargs(family, **window)
     twins = {"gen_length": "max_new_tokens", "max_new_tokens": "gen_length", "remasking": "alg", "alg": "remasking"}
     for key in overrides:
         if key in twins:

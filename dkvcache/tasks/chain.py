@@ -201,23 +201,12 @@ def load_jsonl(path: str = DATA_PATH, limit: int | None = None) -> list[dict]:
 # -- evaluation ------------------------------------------------------------------------------------------------
 def default_generation_kwargs(family: str) -> dict:
     """Vanilla decoding: one token per step over the 32-token window, greedy (LLaDA: one block)."""
-    if family == "dream":
-        return {"max_new_tokens": GEN_LENGTH, "steps": GEN_LENGTH, "alg": "entropy", "temperature": 0.0}
-    if family == "llada":
-        return {"gen_length": GEN_LENGTH, "steps": GEN_LENGTH, "block_length": BLOCK_LENGTH,
-                "remasking": "low_confidence", "temperature": 0.0}
-    raise ValueError(f"unknown diffusion family {family!r}; expected 'dream' or 'llada'")
+    return arith.default_generation_kwargs(family, GEN_LENGTH, BLOCK_LENGTH)
 
 
 def merge_kwargs(family: str, overrides: dict) -> dict:
-    """Family defaults updated by ``overrides``; a LLaDA-style name replaces its Dream-style twin and back."""
-    kwargs = default_generation_kwargs(family)
-    twins = {"gen_length": "max_new_tokens", "max_new_tokens": "gen_length", "remasking": "alg", "alg": "remasking"}
-    for key in overrides:
-        if key in twins:
-            kwargs.pop(twins[key], None)
-    kwargs.update(overrides)
-    return kwargs
+    """Family defaults updated by ``overrides`` (twin names replace each other, as in arith)."""
+    return arith.merge_kwargs(family, overrides, gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH)
 
 
 def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int = 100, **gen_kwargs: Any) -> dict:
