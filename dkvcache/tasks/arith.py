@@ -319,16 +319,22 @@ def _fmt(result: dict) -> str:
             f"forwards {result['forwards']}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dkvcache.tasks.arith", description=__doc__,
+def task_parser(task: str, doc: str, example_model: str, data_path: str, batch_size: int) -> argparse.ArgumentParser:
+    """The options every synthetic task's CLI shares (model, data, limit, batch size, dtype, device, threads)."""
+    ap = argparse.ArgumentParser(prog=f"python -m dkvcache.tasks.{task}", description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="checkpoint directory (e.g. assets/tiny-dream)")
-    ap.add_argument("--data", default=DATA_PATH, help="held-out JSONL (default: the shipped one)")
+    ap.add_argument("--model", help=f"checkpoint directory (e.g. {example_model})")
+    ap.add_argument("--data", default=data_path, help="held-out JSONL (default: the shipped one)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=batch_size)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = task_parser("arith", __doc__, "assets/tiny-dream", DATA_PATH, 64)
     ap.add_argument("--table", choices=arith_tables.TABLES,
                     help="run a named table of settings and print it as markdown (see dkvcache.tasks.arith_tables)")
     ap.add_argument("--signal", action="store_true", help="same as --table signal")

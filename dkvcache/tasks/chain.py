@@ -36,7 +36,6 @@ CLI (the same as the arith task's)::
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -216,15 +215,7 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int =
 
 # -- CLI -------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dkvcache.tasks.chain", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="checkpoint directory (e.g. assets/tiny-dream-chain)")
-    ap.add_argument("--data", default=DATA_PATH, help="held-out JSONL (default: the shipped one)")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
-    ap.add_argument("--batch-size", type=int, default=100)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap = arith.task_parser("chain", __doc__, "assets/tiny-dream-chain", DATA_PATH, 100)
     ap.add_argument("--table", choices=chain_tables.TABLES + arith_tables.TABLES,
                     help="run a named table of settings and print it as markdown (see dkvcache.tasks.chain_tables)")
     ap.add_argument("--plot", metavar="PNG", help="with --table: also plot accuracy vs tokens/s to this file")
