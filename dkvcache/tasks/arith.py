@@ -141,11 +141,13 @@ def make_test_items(n: int = TEST_SIZE, seed: int = TEST_SEED) -> list[Item]:
     return items
 
 
-def write_jsonl(items: Iterable[Item], path: str = DATA_PATH) -> None:
+def write_jsonl(items: Iterable[Any], path: str = DATA_PATH, id_prefix: str = "arith") -> None:
+    """Held-out items (anything with ``question`` and ``answer``) as JSONL rows ``{"id", "question", "answer"}``."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for i, item in enumerate(items):
-            f.write(json.dumps({"id": f"arith-{i:04d}", "question": item.question, "answer": item.answer}) + "\n")
+            row = {"id": f"{id_prefix}-{i:04d}", "question": item.question, "answer": item.answer}
+            f.write(json.dumps(row) + "\n")
 
 
 def load_jsonl(path: str = DATA_PATH, limit: int | None = None) -> list[dict]:
@@ -333,6 +335,24 @@ def task_parser(task: str, doc: str, example_model: str, data_path: str, batch_s
     return ap
 
 
+def load_for_run(ap: argparse.ArgumentParser, args: argparse.Namespace, rest: Sequence[str]) -> tuple[Any, Any, dict]:
+    """After a task CLI parsed ``task_parser``'s options: check them (before any compute), apply ``--threads`` and
+    load the model. Returns (model, tokenizer, the ``key=value`` overrides)."""
+    if not args.model:
+        ap.error("--model is required")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive number of items, got {args.limit}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    overrides = parse_overrides(rest)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    return model, tokenizer, overrides
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = task_parser("arith", __doc__, "assets/tiny-dream", DATA_PATH, 64)
     ap.add_argument("--table", choices=arith_tables.TABLES,
@@ -348,14 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_jsonl(make_test_items(), args.write_test_set)
         print(f"wrote {TEST_SIZE} held-out items to {args.write_test_set}")
         return 0
-    if not args.model:
-        ap.error("--model is required")
-    overrides = parse_overrides(rest)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    model, tokenizer, overrides = load_for_run(ap, args, rest)
     family = model.diffusion_family
     rows = load_jsonl(args.data, args.limit)
     table = "signal" if args.signal else args.table

@@ -162,13 +162,15 @@ def table_settings(name: str, family: str, gen_length: int) -> list[tuple[str, d
     return _BUILDERS[name](family, gen_length)
 
 
-def pc_table_from_train_split(tokenizer: Any, vocab_size: int, items: int = 5000, seed: int = 0) -> Any:
-    """PC-sampler's unigram table for the tiny task: ``items`` train-split questions and answers."""
+def pc_table_from_train_split(tokenizer: Any, vocab_size: int, items: int = 5000, seed: int = 0,
+                              task: Any = None) -> Any:
+    """PC-sampler's unigram table for a tiny task (``task``: its module, default arith): ``items`` train-split
+    questions and answers."""
     from dkvcache.decoders import build_unigram_table
     from dkvcache.tasks import arith
 
     rng = random.Random(seed)
-    sample = [arith.sample_item(rng, "train") for _ in range(items)]
+    sample = [(task or arith).sample_item(rng, "train") for _ in range(items)]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "corpus.txt")
         with open(path, "w", encoding="utf-8") as handle:

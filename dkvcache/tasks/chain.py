@@ -37,7 +37,6 @@ CLI (the same as the arith task's)::
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import random
@@ -186,10 +185,8 @@ def is_correct(prediction: str, answer: str) -> bool:
 
 
 def write_jsonl(items: Iterable[Item], path: str = DATA_PATH) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for i, item in enumerate(items):
-            f.write(json.dumps({"id": f"chain-{i:04d}", "question": item.question, "answer": item.answer}) + "\n")
+    """The held-out items in the arith schema, ids ``chain-NNNN``."""
+    arith.write_jsonl(items, path, id_prefix="chain")
 
 
 def load_jsonl(path: str = DATA_PATH, limit: int | None = None) -> list[dict]:
@@ -230,18 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_jsonl(make_test_items(), args.write_test_set)
         print(f"wrote {TEST_SIZE} held-out items to {args.write_test_set}")
         return 0
-    if not args.model:
-        ap.error("--model is required")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be a positive number of items, got {args.limit}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    overrides = arith.parse_overrides(rest)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    model, tokenizer = arith.load_model(args.model, args.dtype, args.device)
+    model, tokenizer, overrides = arith.load_for_run(ap, args, rest)
     family = model.diffusion_family
     rows = load_jsonl(args.data, args.limit)
     results = chain_tables.run(model, tokenizer, rows, args.table, family, overrides, batch_size=args.batch_size,

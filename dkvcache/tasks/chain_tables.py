@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -81,16 +78,9 @@ def table_settings(name: str, family: str, gen_length: int) -> list[tuple[str, d
 
 def pc_table_from_train_split(tokenizer: Any, vocab_size: int, items: int = 5000, seed: int = 0) -> Any:
     """PC-sampler's unigram table for the chain task: ``items`` train-split questions and answers."""
-    from dkvcache.decoders import build_unigram_table
-    from dkvcache.tasks import chain
+    from dkvcache.tasks import arith_tables, chain
 
-    rng = random.Random(seed)
-    sample = [chain.sample_item(rng, "train") for _ in range(items)]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "corpus.txt")
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write("\n".join(f"{it.question}\n{it.answer}" for it in sample) + "\n")
-        return build_unigram_table(tokenizer, path, vocab_size)
+    return arith_tables.pc_table_from_train_split(tokenizer, vocab_size, items, seed, task=chain)
 
 
 def run(model: Any, tokenizer: Any, rows: Sequence[dict], table: str | None, family: str, overrides: dict,
