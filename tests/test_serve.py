@@ -35,8 +35,8 @@ MULTI_BLOCK = {"block_length": 16}
 class LiveServer:
     """uvicorn in a thread on a free loopback port (the same engine object stays reachable for checks)."""
 
-    def __init__(self, **engine_kwargs) -> None:
-        self.engine = build_engine(MODEL, dtype="float64", **engine_kwargs)
+    def __init__(self, model: str = MODEL, **engine_kwargs) -> None:
+        self.engine = build_engine(model, dtype="float64", **engine_kwargs)
         self.port = free_port()
         config = uvicorn.Config(create_app(self.engine), host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
@@ -217,17 +217,12 @@ def test_pooled_batches_of_the_same_shape_reuse_the_kv_buffers(live):
 
 
 def test_pooled_llada_requests_equal_their_single_runs():
-    global MODEL
-    saved, MODEL = MODEL, "assets/tiny-llada"
-    try:
-        with LiveServer(max_batch=8, max_new_tokens=64, steps=64) as server:
-            settings = {"cache_type": "dual", "block_length": 16}
-            jobs = [(QUESTIONS[i % len(QUESTIONS)], i) for i in range(6)]
-            expected = [single_run_text(server.engine, q, seed, **settings) for q, seed in jobs]
-            assert _staggered(server, jobs, settings) == expected
-            assert server.engine.scheduler.counters["joined_running"] > 0
-    finally:
-        MODEL = saved
+    with LiveServer("assets/tiny-llada", max_batch=8, max_new_tokens=64, steps=64) as server:
+        settings = {"cache_type": "dual", "block_length": 16}
+        jobs = [(QUESTIONS[i % len(QUESTIONS)], i) for i in range(6)]
+        expected = [single_run_text(server.engine, q, seed, **settings) for q, seed in jobs]
+        assert _staggered(server, jobs, settings) == expected
+        assert server.engine.scheduler.counters["joined_running"] > 0
 
 
 @pytest.mark.parametrize(("kwargs", "param"), [
@@ -345,7 +340,7 @@ def test_load_test_reports_every_mode():
 def test_report_holds_back_a_possible_stop_prefix():
     """A stop string split across two blocks is never half-streamed: the streamed pieces add up to the answer."""
     from dkvcache.serve.groups import Row, report
-    from dkvcache.serve.scheduler import Job
+    from dkvcache.serve.jobs import Job
 
     events = []
     row = Row(Job(prompt_ids=[1], settings={}, seed=0, sink=events.append, stop=("#END",)))

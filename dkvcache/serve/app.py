@@ -24,8 +24,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from dkvcache.resolve import check_inputs_fit, resolve
+from dkvcache.serve.jobs import Event, Job, QueueFull
 from dkvcache.serve.protocol import ChatRequest, CompletionRequest, RequestError
-from dkvcache.serve.scheduler import Event, Job, QueueFull, Scheduler
+from dkvcache.serve.scheduler import Scheduler
 
 # Names that ``diffusion_generate`` reports but a client knows under its OpenAI name.
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens"}

@@ -23,10 +23,10 @@ import torch
 
 from dkvcache.generation import GenerationSession
 from dkvcache.resolve import resolve
+from dkvcache.serve.jobs import Event, Job, Usage, settings_signature
 
 if TYPE_CHECKING:
     from dkvcache.options import GenerationOptions
-    from dkvcache.serve.scheduler import Job
 
 # Strategies whose every block starts from a full forward: the tokens are all they carry across a boundary.
 BLOCK_FRESH_CACHES = frozenset({"none", "prefix", "dual"})
@@ -53,8 +53,6 @@ class Row:
 
 def report(row: Row, tokens: list[int], last: bool, forwards: int, tokenizer: Any, end_ids: set[int]) -> None:
     """Send the row's new text of its finished blocks; finish it at an end token, a stop string or ``last``."""
-    from dkvcache.serve.scheduler import Event, Usage
-
     if row.first_block_s is None:
         row.first_block_s = time.monotonic() - row.job.submitted
     cut = next((i for i, t in enumerate(tokens) if t in end_ids), None)
@@ -110,8 +108,6 @@ class Group:
         raise NotImplementedError
 
     def fail(self, status: int, message: str) -> None:
-        from dkvcache.serve.scheduler import Event
-
         for row in self.members():
             if not row.finished:
                 row.finished = True
@@ -119,8 +115,6 @@ class Group:
 
     def drop_gone(self, now: float) -> None:
         """Rows whose client went away or whose time ran out leave."""
-        from dkvcache.serve.scheduler import Event
-
         for row in self.members():
             if row.finished:
                 continue
@@ -131,9 +125,15 @@ class Group:
                 row.job.sink(Event("error", text=f"the request ran past its timeout of {row.job.timeout_s} s",
                                    status=504))
 
-    def _pad_id(self) -> int:
+    def _left_padded(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, attention_mask) of ``sequences`` left-padded to the longest, on the model's device."""
         tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        width = max(map(len, sequences))
+        ids = [[pad] * (width - len(s)) + s for s in sequences]
+        mask = [[0] * (width - len(s)) + [1] * len(s) for s in sequences]
+        device = self.model.device
+        return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
 
 class Wave(Group):
@@ -141,13 +141,9 @@ class Wave(Group):
 
     def __init__(self, model: Any, tokenizer: Any, end_ids: set[int], jobs: list[Job]) -> None:
         super().__init__(model, tokenizer, end_ids)
-        width = max(len(j.prompt_ids) for j in jobs)
-        ids = [[self._pad_id()] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs]
-        mask = [[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs]
-        device = model.device
-        self.session = GenerationSession(
-            model, torch.tensor(ids, device=device), attention_mask=torch.tensor(mask, device=device),
-            seed=[j.seed for j in jobs], **{"eos_early_stop": True, **jobs[0].settings})
+        ids, mask = self._left_padded([j.prompt_ids for j in jobs])
+        self.session = GenerationSession(model, ids, attention_mask=mask, seed=[j.seed for j in jobs],
+                                         **{"eos_early_stop": True, **jobs[0].settings})
         self.rows = [Row(j) for j in jobs]
 
     @property
@@ -178,7 +174,7 @@ class Pool(Group):
                  opts: GenerationOptions) -> None:
         super().__init__(model, tokenizer, end_ids)
         self.settings = settings
-        self.signature = repr(sorted(settings.items()))  # = Job.signature of its requests
+        self.signature = settings_signature(settings)  # = Job.signature of its requests
         self.total = opts.max_new_tokens
         self.block = opts.block_length or opts.max_new_tokens
         self.steps_per_block = opts.steps // (self.total // self.block)
@@ -237,17 +233,13 @@ class Pool(Group):
         self.waiting = []
         fixed = [r.job.prompt_ids + r.tokens for r in self.rows]
         left = [self.total - len(r.tokens) for r in self.rows]
-        width, longest = max(map(len, fixed)), max(left)
-        pad = self._pad_id()
-        ids = [[pad] * (width - len(f)) + f for f in fixed]
-        mask = [[0] * (width - len(f)) + [1] * len(f) for f in fixed]
-        tail = [[True] * n + [False] * (longest - n) for n in left]
-        device = self.model.device
+        longest = max(left)
+        ids, mask = self._left_padded(fixed)
+        tail = torch.tensor([[True] * n + [False] * (longest - n) for n in left], device=self.model.device)
         settings = {**self.settings, "max_new_tokens": longest, "block_length": self.block,
                     "steps": self.steps_per_block * (longest // self.block), "eos_early_stop": False}
-        self.session = GenerationSession(
-            self.model, torch.tensor(ids, device=device), attention_mask=torch.tensor(mask, device=device),
-            generation_mask=torch.tensor(tail, device=device), seed=[r.job.seed for r in self.rows], **settings)
+        self.session = GenerationSession(self.model, ids, attention_mask=mask, generation_mask=tail,
+                                         seed=[r.job.seed for r in self.rows], **settings)
         self._reuse_buffers()
 
     def _reuse_buffers(self) -> None:

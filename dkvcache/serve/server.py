@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from dkvcache.loading import load_model_and_tokenizer, resolve_model_path
+from dkvcache.resolve import resolve
 from dkvcache.serve.app import Engine
 from dkvcache.serve.protocol import SERVER_ONLY, with_cache_switch
 from dkvcache.serve.scheduler import ADMISSIONS, Scheduler
@@ -65,8 +66,6 @@ def build_engine(model_path: str, dtype: str = "float32", device: str = "cpu", m
         raise ValueError(f"{blocked} cannot be server defaults (they are fixed per checkpoint or in-process only)")
     model, tokenizer = load_model_and_tokenizer(model_path, dtype, device)
     defaults = with_cache_switch({**checkpoint_defaults(model_path), **generation_defaults})
-    from dkvcache.resolve import resolve
-
     resolve(model, 1, **defaults)  # a bad default is a start-up error, not a 400 on every request
     scheduler = Scheduler(model, tokenizer, end_token_ids(tokenizer, model), max_batch=max_batch,
                           max_queue=max_queue, admission=admission)
