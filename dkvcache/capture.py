@@ -1,11 +1,12 @@
-"""``diffusion_generate(..., compile=True)``: the model forward of every step compiled once per shape.
+"""``diffusion_generate(..., compile=True)``: the model forward and the head of every step compiled per shape.
 
 The step's shapes are static by construction: the fed set is a fixed-width index tensor whose width is a bucket
 (``dkvcache.indexing.bucket``) or known in advance (prefix/dual), and the K/V buffers are preallocated. So the
 layer stack traces into one graph with no break (``fullgraph=True``) and is compiled per (batch, length, fed
 width): a handful of shapes per call. On CPU ``torch.compile`` (inductor) fuses the layer stack; on CUDA the same
-call uses ``mode="reduce-overhead"`` (CUDA graphs). Compile/capture time is reported separately in ``stats``
-(``compile_s``, ``compiled_shapes``), never mixed into the timed generation.
+call uses ``mode="reduce-overhead"`` (CUDA graphs). The step's head (``dkvcache.head``: logits at the
+candidates, proposals and confidences) is a second compiled graph per shape. Compile/capture time is reported
+separately in ``stats`` (``compile_s``, ``compiled_shapes``), never mixed into the timed generation.
 
 Not captured (eager, with a one-line notice): strategies that install a per-layer hook with data-dependent row
 sets or need attention probabilities (``dllm``: per-row recompute sets chosen inside each layer; ``d2``: the
@@ -15,14 +16,18 @@ with generation hooks or ``full_logits``.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from typing import Any
 
 import torch
 
+from dkvcache.head import HeadSettings, step_head
+
 # The torch.compile backend; tests may switch it to "aot_eager" (same graph capture, no code generation).
 BACKEND = "inductor"
+FREEZE = False
 # One code object (partial_forward) is compiled for every (model, batch, length, fed width): more than dynamo's
 # default 8 versions. Each is a bucketed shape, so the count stays bounded.
 RECOMPILE_LIMIT = 256
@@ -48,38 +53,60 @@ def notice(reason: str) -> None:
         warnings.warn(f"diffusion_generate(compile=True): running eagerly because {reason}", stacklevel=4)
 
 
-class CompiledForward:
-    """The model's ``partial_forward`` compiled per shape, with the compile time of new shapes accounted."""
+class Compiled:
+    """``fn`` compiled per shape (one graph each, no break), with the compile time of new shapes accounted."""
 
-    def __init__(self, model: Any) -> None:
-        device = next(model.parameters()).device
-        mode = "reduce-overhead" if device.type == "cuda" else None
+    def __init__(self, fn: Any, device: torch.device, cuda_graphs: bool) -> None:
+        mode = "reduce-overhead" if cuda_graphs and device.type == "cuda" else None
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
-        self.fn = torch.compile(model.partial_forward, fullgraph=True, dynamic=False, backend=BACKEND, mode=mode)
+        options = {"freezing": True} if FREEZE and mode is None and BACKEND == "inductor" else None
+        self.fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=BACKEND, mode=mode, options=options)
         self.backend = BACKEND
         self.shapes: set[tuple] = set()
 
-    def __call__(self, stats: dict, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
-                 fed_idx: torch.Tensor | None, kv: Any) -> torch.Tensor:
-        key = (tuple(ids.shape), None if fed_idx is None else tuple(fed_idx.shape), kv is None)
+    def __call__(self, stats: dict, *args: Any) -> Any:
+        key = tuple(_shape_key(a) for a in args)
         if key in self.shapes:
-            return self.fn(ids, positions, key_valid, fed_idx=fed_idx, kv=kv)
+            return self.fn(*args)
         start = time.perf_counter()
-        out = self.fn(ids, positions, key_valid, fed_idx=fed_idx, kv=kv)
-        if out.device.type == "cuda":
-            torch.cuda.synchronize(out.device)
+        out = self.fn(*args)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
         stats["compile_s"] = stats.get("compile_s", 0.0) + time.perf_counter() - start
         stats["compiled_shapes"] = stats.get("compiled_shapes", 0) + 1
         self.shapes.add(key)
         return out
 
 
-def compiled_forward(model: Any) -> CompiledForward:
-    """The model's compiled forward (built on first use, kept on the model; rebuilt if the backend changed)."""
-    existing = getattr(model, "_dkvcache_compiled", None)
+def _shape_key(arg: Any) -> Any:
+    """What makes a new graph: tensor shapes and the call's settings (K/V buffers follow from the shapes)."""
+    if isinstance(arg, torch.Tensor):
+        return tuple(arg.shape)
+    if arg is None or isinstance(arg, HeadSettings):
+        return arg
+    return type(arg).__name__
+
+
+def _cached(model: Any, attribute: str, build: Any) -> Compiled:
+    """A compiled function kept on the model (a plain attribute, not a submodule); rebuilt if the backend changed."""
+    existing = getattr(model, attribute, None)
     if existing is None or existing.backend != BACKEND:
-        existing = CompiledForward(model)
-        object.__setattr__(model, "_dkvcache_compiled", existing)  # a plain attribute, not a submodule
+        existing = build()
+        object.__setattr__(model, attribute, existing)
     return existing
+
+
+def compiled_forward(model: Any) -> Compiled:
+    """``model.partial_forward(ids, positions, key_valid, fed_idx, kv)`` compiled (CUDA graphs on CUDA)."""
+    device = next(model.parameters()).device
+    return _cached(model, "_dkvcache_compiled", lambda: Compiled(model.partial_forward, device, cuda_graphs=True))
+
+
+def compiled_head(model: Any) -> Compiled:
+    """:func:`dkvcache.head.step_head` for this model compiled. Its outputs live on in the step's decoder (and,
+    for some decoders, across steps), so on CUDA it is fused but not replayed from a graph's static buffers."""
+    device = next(model.parameters()).device
+    return _cached(model, "_dkvcache_compiled_head",
+                   lambda: Compiled(functools.partial(step_head, model), device, cuda_graphs=False))

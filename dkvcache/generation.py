@@ -22,11 +22,12 @@ from dkvcache import caches, capture
 from dkvcache.caches.base import StepOutcome
 from dkvcache.decoders import Decoder, StepView, make_decoder
 from dkvcache.density import certainty_prior
+from dkvcache.head import HeadSettings, combine_cfg, propose, step_head
 from dkvcache.indexing import bucket, fixed_indices, scatter_rows, slots_of
 from dkvcache.options import GenerationOptions
 from dkvcache.resolve import check_inputs_fit, resolve
 from dkvcache.rng import resolve_row_seeds
-from dkvcache.sampling import FAMILIES, propose_tokens
+from dkvcache.sampling import FAMILIES
 from dkvcache.schedule import BlockSchedule
 from dkvcache.state import DecodeState
 
@@ -106,8 +107,11 @@ def _build_state(model: Any, family, opts: GenerationOptions, inputs: torch.Tens
         raise ValueError(f"diffusion_generate: inputs contain mask_token_id={opts.mask_token_id}; only the "
                          "appended generation region is denoised (infilling is not supported)")
     seeds = resolve_row_seeds(opts.seed, opts.generator, batch, device)
+    head = HeadSettings(family=family, alg=opts.alg, temperature=opts.temperature, top_p=opts.top_p,
+                        top_k=opts.top_k, banned_ids=tuple(opts.banned_ids), push_last_ids=tuple(opts.push_last_ids),
+                        cfg_scale=opts.cfg_scale, length=x.shape[1], batch=batch)
     return DecodeState(model=model, family=family, opts=opts, x=x, positions=positions, key_valid=key_valid,
-                       prompt_length=prompt_length, row_seeds=seeds)
+                       prompt_length=prompt_length, row_seeds=seeds, head_settings=head)
 
 
 def generate(model: Any, inputs: torch.Tensor | None, generation_config: Any = None,
@@ -286,21 +290,22 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder) 
     source = cand_pos - 1 if state.family.shift_logits else cand_pos
     source = torch.where(cand_valid, source, length)
     hidden, shadow = _forward(state, strategy, plan, decoder)
-    full_mode = opts.full_logits or opts.generation_logits_hook_func or opts.generation_tokens_hook_func
-    if full_mode:
+    offsets = (cand_pos - state.prompt_length).clamp(min=0)
+    full = None
+    if opts.full_logits or opts.generation_logits_hook_func or opts.generation_tokens_hook_func:
         logits, full = _logits_everywhere(state, hidden, plan, cand_pos)
-        decodable = cand_valid  # a candidate whose source position was not fed has no prediction this step
+        decodable = cand_valid  # a candidate whose source position was not fed this step has no prediction
         if plan.fed_idx is not None:
             decodable = cand_valid & (slots_of(plan.fed_idx, length).gather(1, source) >= 0)
+        x0, conf = propose(logits, offsets, state.row_seeds, state.noise_step, state.head_settings)
+    elif opts.compile and state.capture_blocker is None:
+        noise_step = torch.tensor(state.noise_step, device=cand_pos.device)  # data, so no recompile per step
+        logits, decodable, x0, conf = capture.compiled_head(state.model)(
+            state.capture_stats, hidden, plan.fed_idx, source, cand_valid, offsets, state.row_seeds, noise_step,
+            state.head_settings)
     else:
-        full = None
-        logits, decodable = _logits_at(state, hidden, plan, source, cand_valid)
-
-    offsets = (cand_pos - state.prompt_length).clamp(min=0)
-    x0, conf = propose_tokens(
-        logits, family=state.family, alg=opts.alg, temperature=opts.temperature, top_p=opts.top_p,
-        top_k=opts.top_k, row_seeds=state.row_seeds, step=state.noise_step, offsets=offsets,
-        banned_ids=opts.banned_ids, push_last_ids=opts.push_last_ids)
+        logits, decodable, x0, conf = step_head(state.model, hidden, plan.fed_idx, source, cand_valid, offsets,
+                                                state.row_seeds, state.noise_step, state.head_settings)
     override = strategy.confidence(state, cand_pos)
     raw_conf = conf if override is None else override
     step = StepView(state, cand_pos, cand_valid, decodable, offsets, logits, x0, raw_conf, opts.banned_ids,
@@ -363,39 +368,13 @@ def _forward(state: DecodeState, strategy: caches.CacheStrategy, plan: caches.St
     return hidden, None
 
 
-def _combine_cfg(state: DecodeState, logits: torch.Tensor) -> torch.Tensor:
-    if state.opts.cfg_scale <= 0:
-        return logits
-    cond, uncond = logits.chunk(2)
-    return uncond + (state.opts.cfg_scale + 1) * (cond - uncond)
-
-
-def _logits_at(state: DecodeState, hidden: torch.Tensor, plan: caches.StepPlan, source: torch.Tensor,
-               cand_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (B, m, V) computed only at the candidates' source positions.
-
-    A candidate whose source position was not fed this step has no fresh prediction: it is not decodable.
-    """
-    length = state.length
-    if plan.fed_idx is None:
-        slots, decodable = source.clamp(max=length - 1), cand_valid
-    else:
-        slots = slots_of(plan.fed_idx, length).gather(1, source)
-        decodable = cand_valid & (slots >= 0)
-        slots = slots.clamp(min=0)
-    copies = hidden.shape[0] // state.batch
-    slots = slots.repeat(copies, 1)
-    picked = hidden.gather(1, slots[..., None].expand(-1, -1, hidden.shape[-1]))
-    return _combine_cfg(state, state.model.logits_from_hidden(picked)), decodable
-
-
 def _logits_everywhere(state: DecodeState, hidden: torch.Tensor, plan: caches.StepPlan,
                        cand_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The original's (B, L, V) logits (-inf where not fed, shifted for Dream), for hooks and benchmarks.
 
     Returns (candidate logits (B, m, V), full logits (B, L, V)).
     """
-    logits = _combine_cfg(state, state.model.logits_from_hidden(hidden))
+    logits = combine_cfg(state.model.logits_from_hidden(hidden), state.opts.cfg_scale)
     if plan.fed_idx is not None:
         full = logits.new_full((state.batch, state.length + 1, logits.shape[-1]), float("-inf"))
         full.scatter_(1, plan.fed_idx[..., None].expand(-1, -1, logits.shape[-1]), logits)

@@ -31,7 +31,7 @@ class GenerationOptions:
     no ``alg``, Dream uses ``"maskgit_plus"``. ``alg="confidence_threshold"`` (Fast-dLLM's Dream name) is
     ``alg="maskgit_plus"`` with ``threshold`` defaulting to 0.9.
     ``progress=True``: a tqdm bar over the denoising steps (off by default; the example scripts turn it on).
-    ``compile=True``: the model forward of each step compiled per shape (``torch.compile``; CUDA graphs on
+    ``compile=True``: the model forward and head of each step compiled per shape (``torch.compile``; CUDA graphs on
     CUDA); compile time is reported as ``stats["compile_s"]``. Strategies or decoders that cannot be captured
     run eagerly with a one-line notice (see ``dkvcache.capture``).
     Certainty prior (d2Cache): ``sigma`` > 0 ranks masked positions by confidence × certainty density

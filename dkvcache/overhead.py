@@ -4,7 +4,9 @@
     python -m dkvcache.bench --overhead [--json F]    # the same
 
 For each checkpoint and strategy: ms per step eager and compiled (min of ``--repeats`` timed runs after a
-warm-up; compile time reported apart), aten calls per step (``torch.profiler``, views included) and per layer of
+warm-up; compile time reported apart), the compute floor (the step's matmuls and attention alone, see
+:func:`compute_floor_ms`; eager ÷ floor is the most any capture could gain, floor ÷ compiled how much of it
+``compile=True`` reaches), aten calls per step (``torch.profiler``, views included) and per layer of
 the model forward, host reads per step (``.item()``, ``.tolist()``, ``bool(tensor)`` … counted with a
 ``TorchFunctionMode``: each is a device synchronisation on CUDA), and the same counts for a plain transformers
 ``Qwen2ForCausalLM`` / ``LlamaForCausalLM`` forward of the same size over the whole sequence.
@@ -89,16 +91,63 @@ def _min_time(fn, repeats: int) -> float:
     return best
 
 
+@contextmanager
+def recorded_forwards(model: Any) -> Iterator[list[tuple[int, int, int]]]:
+    """Record (batch, fed positions, keys) of every partial forward run inside the ``with`` block."""
+    shapes: list[tuple[int, int, int]] = []
+    forward = model.partial_forward
+
+    def recording(input_ids, positions, key_valid, fed_idx=None, kv=None, **kwargs):
+        fed = input_ids.shape[1] if fed_idx is None else fed_idx.shape[1]
+        shapes.append((input_ids.shape[0], fed, input_ids.shape[1] + (kv is not None)))
+        return forward(input_ids, positions, key_valid, fed_idx=fed_idx, kv=kv, **kwargs)
+
+    object.__setattr__(model, "partial_forward", recording)  # an instance attribute shadows the method
+    try:
+        yield shapes
+    finally:
+        object.__delattr__(model, "partial_forward")
+
+
+def compute_floor_ms(model: Any, batch: int, fed: int, keys: int, repeats: int = 20) -> float:
+    """ms of the layer stack's irreducible kernels at one forward shape: every layer's matmuls (each
+    ``nn.Linear`` on random (batch, fed, in) inputs) and its attention (SDPA, ``fed`` queries over ``keys``).
+    What a step would cost with no overhead at all: no norms, rotary, masks, gathers, sampler or Python."""
+    heads, kv_heads, head_dim = model.config.num_attention_heads, model._n_kv_heads, model._head_dim
+    dtype = next(model.parameters()).dtype
+    weights = [m.weight for m in model._layers().modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(batch, fed, w.shape[1], dtype=dtype) for w in weights}
+    q = torch.randn(batch, heads, fed, head_dim, dtype=dtype)
+    k = torch.randn(batch, kv_heads, keys, head_dim, dtype=dtype)
+
+    def kernels() -> None:
+        for weight in weights:
+            torch.nn.functional.linear(inputs[weight.shape[1]], weight)
+        for _ in range(model.num_layers):
+            torch.nn.functional.scaled_dot_product_attention(q, k, k, enable_gqa=heads != kv_heads)
+
+    kernels()
+    return 1000 * _min_time(kernels, repeats)
+
+
+def floor_ms_per_step(model: Any, shapes: list[tuple[int, int, int]], steps: int) -> float:
+    """The compute floor of a run: :func:`compute_floor_ms` of every forward it ran, per step."""
+    per_shape = {shape: compute_floor_ms(model, *shape) for shape in set(shapes)}
+    return sum(per_shape[shape] for shape in shapes) / steps
+
+
 def measure(model: Any, ids: torch.Tensor, strategy: str, gen: int, repeats: int) -> dict[str, Any]:
-    """One strategy on one model: eager and compiled ms/step, calls, host reads."""
+    """One strategy on one model: eager and compiled ms/step, the compute floor, calls, host reads."""
     kwargs = dict(max_new_tokens=gen, steps=gen, alg="maskgit_plus", return_dict_in_generate=True,
                   **STRATEGIES[strategy])
 
     def run(**extra: Any) -> Any:
         return model.diffusion_generate(ids, **kwargs, **extra)
 
-    warm = run()
+    with recorded_forwards(model) as shapes:
+        warm = run()
     steps = warm.stats["steps"]
+    floor = floor_ms_per_step(model, shapes, steps)
     eager = _min_time(run, repeats) / steps
     first = run(compile=True)  # compiles every new shape; its compile time is reported apart
     compiled = _min_time(lambda: run(compile=True), repeats) / steps
@@ -109,7 +158,9 @@ def measure(model: Any, ids: torch.Tensor, strategy: str, gen: int, repeats: int
     return {"strategy": strategy, "steps": steps, "eager_ms_per_step": 1000 * eager,
             "compiled_ms_per_step": 1000 * compiled, "compiled": first.stats["compiled"],
             "compile_s": first.stats["compile_s"], "compiled_shapes": first.stats["compiled_shapes"],
-            "speedup_compiled": eager / compiled, "aten_per_step": total / steps,
+            "speedup_compiled": eager / compiled, "floor_ms_per_step": floor,
+            "max_speedup": 1000 * eager / floor, "efficiency_compiled": floor / (1000 * compiled),
+            "aten_per_step": total / steps,
             "aten_per_layer": inside / (steps * layers), "host_reads_per_step": reads.count / steps,
             "fed_fraction": warm.stats["fed_fraction"]}
 
@@ -162,14 +213,16 @@ def run(paths: list[str], prompt: int, gen: int, repeats: int, threads: int) -> 
 
 def _row(r: dict[str, Any]) -> str:
     return (f"| {r['strategy']} | {r['eager_ms_per_step']:.2f} | {r['compiled_ms_per_step']:.2f}"
-            f"{'' if r['compiled'] else ' (eager)'} | {r['speedup_compiled']:.2f}× | {r['compile_s']:.1f} | "
+            f"{'' if r['compiled'] else ' (eager)'} | {r['speedup_compiled']:.2f}× | {r['floor_ms_per_step']:.2f} | "
+            f"{r['max_speedup']:.2f}× | {r['efficiency_compiled']:.2f} | {r['compile_s']:.1f} | "
             f"{r['aten_per_step']:.0f} | {r['aten_per_layer']:.0f} | {r['host_reads_per_step']:.2f} | "
             f"{r['fed_fraction']:.3f} |")
 
 
 def _table(path: str, rows: list[dict[str, Any]], reference: dict[str, Any]) -> str:
-    head = (f"\n{path}, batch 1:\n\n| strategy | eager ms/step | compiled ms/step | compiled speed-up | compile s | "
-            "aten calls/step | aten calls/layer | host reads/step | fed |\n|---|---|---|---|---|---|---|---|---|")
+    head = (f"\n{path}, batch 1:\n\n| strategy | eager ms/step | compiled ms/step | compiled speed-up | "
+            "floor ms/step | eager ÷ floor | floor ÷ compiled | compile s | aten calls/step | aten calls/layer | "
+            "host reads/step | fed |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     ref = (f"\ntransformers {reference['name']} of the same size, one forward over the whole sequence: "
            f"{reference['ms_per_forward']:.2f} ms, {reference['aten_per_forward']} aten calls, "
            f"{reference['aten_per_layer']:.0f} per layer")

@@ -81,7 +81,7 @@ def propose_tokens(
     top_p: float | None,
     top_k: int | None,
     row_seeds: torch.Tensor,
-    step: int,
+    step: int | torch.Tensor,
     offsets: torch.Tensor,
     banned_ids: Sequence[int] = (),
     push_last_ids: Sequence[int] = (),

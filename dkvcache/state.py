@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from dkvcache.head import HeadSettings
 from dkvcache.options import GenerationOptions
 from dkvcache.partial_forward import KVBuffers
 from dkvcache.sampling import Family
@@ -31,6 +32,7 @@ class DecodeState:
     key_valid: torch.Tensor
     prompt_length: int
     row_seeds: torch.Tensor
+    head_settings: HeadSettings | None = None  # the options the step's head depends on (see dkvcache.head)
     block_index: int = 0
     block_start: int = 0
     block_end: int = 0

@@ -58,6 +58,23 @@ def test_compiled_equals_eager(models, aot_eager, family, strategy):
 
 
 @pytest.mark.parametrize("family", MODELS)
+def test_compiled_sampling_equals_eager_without_a_graph_per_step(models, aot_eager, family):
+    """The step's head (logits at the candidates, proposals) is compiled too; under sampling its noise
+    coordinate is data, so the whole call compiles one graph per shape, and a second call none."""
+    model = models[family]
+    ids, mask = left_pad(PROMPTS)
+    sampling = dict(temperature=0.8, top_p=0.9, seed=5, use_cache=True, cache_type="dual")
+    eager = _gen(model, ids, mask, **sampling)
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    first = _gen(model, ids, mask, compile=True, **sampling)
+    added = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+    again = _gen(model, ids, mask, compile=True, **sampling)
+    assert torch.equal(eager.sequences, first.sequences) and torch.equal(eager.sequences, again.sequences)
+    assert 2 <= added == first.stats["compiled_shapes"] < first.stats["steps"]  # forward + head shapes only
+    assert again.stats["compiled_shapes"] == 0
+
+
+@pytest.mark.parametrize("family", MODELS)
 def test_inductor_compiles_the_dual_step(models, family):
     """The real backend (inductor code generation) on one strategy per family: same tokens, compile time
     reported apart, and a second call reuses the compiled shapes."""
@@ -143,9 +160,27 @@ def test_bucket_and_fixed_indices():
     assert torch.equal(fixed_valid[:, : ragged.shape[1]], valid)
 
 
+def test_recorded_forward_shapes_and_floor(models):
+    """The floor replays the shapes the run really fed: no cache feeds every position each step; dual feeds
+    the whole sequence at each block's first step, then the block (plus, for Dream, the position before it)."""
+    for family, model in models.items():
+        ids = PROMPTS[0][None]
+        length = ids.shape[1] + 12
+        with overhead.recorded_forwards(model) as shapes:
+            out = _gen(model, ids)
+        assert shapes == [(1, length, length)] * out.stats["forwards"]
+        with overhead.recorded_forwards(model) as shapes:
+            out = _gen(model, ids, **CAPTURED["dual"])
+        fed = 4 + (family == "dream")
+        assert shapes == ([(1, length, length + 1)] + [(1, fed, length + 1)] * 3) * 3, shapes
+        assert "partial_forward" not in vars(model)  # the recording is undone
+        assert 0 < overhead.compute_floor_ms(model, 1, fed, length + 1, repeats=2)
+
+
 def test_overhead_report_runs(models, aot_eager):
     row = overhead.measure(models["dream"], PROMPTS[0][None], "dual", gen=32, repeats=1)
     assert row["compiled"] and row["aten_per_step"] > row["aten_per_layer"] > 0
+    assert row["floor_ms_per_step"] > 0 and row["max_speedup"] > 0 and row["efficiency_compiled"] > 0
     assert 0 < row["host_reads_per_step"] <= 2 and 0 < row["fed_fraction"] < 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
