@@ -4,14 +4,15 @@
     python examples/train_tiny.py --arch dream --out /tmp/tiny-dream                 # CPU budget, ~13-16 min
     python examples/train_tiny.py --arch dream --out assets/tiny-dream --device cuda --steps 7000   # the shipped
     python examples/train_tiny.py --task chain --arch llada --out assets/tiny-llada-chain --threads 1  # the shipped
+    python examples/train_tiny.py --task chain --arch dream --out assets/tiny-dream-chain --threads 1 --ar-steps 1500
 
 ``--task``: ``arith`` (default; ``dkvcache.tasks.arith``) or ``chain`` (``dkvcache.tasks.chain``, state
 tracking); the tokenizer keeps the task's words whole. ``--task chain`` defaults to 3 layers, lr 2e-3, 4000
-steps of 32 (``TASK_DEFAULTS``). Its CPU budget (the shipped chain checkpoints, seed 0): 4000 steps x batch 32,
-1 thread each, the Dream and LLaDA runs side by side on 2 shared cores, 1521 s (Dream) and 1473 s (LLaDA) of
-training (~0.25-0.4 s a step), then a 1-minute evaluation; held-out accuracy (vanilla, path scoring) 100 % for
-both. Other seeds of the same recipe mostly stay on the loss plateau (1 in 3 LLaDA, 1 in 4 Dream reached
-90 %): see docs/accuracy.md.
+steps of 32 (``TASK_DEFAULTS``). Its CPU budget (the shipped chain checkpoints, seed 0; Dream with
+``--ar-steps 1500``): 4000 steps x batch 32, 1 thread each, runs side by side on 2 shared cores, 1459 s (Dream)
+and 1473 s (LLaDA) of training (~0.25-0.4 s a step), then a 1-minute evaluation; held-out accuracy (vanilla,
+path scoring) 100 % for both. From scratch other seeds often stay on the loss plateau (LLaDA 2 of 5 seeds
+reached 90 %, Dream 1 of 4; AR-initialised Dream 2 of 2): see docs/accuracy.md.
 
 Writes ``OUT/{config.json, generation_config.json, model.safetensors (bf16), tokenizer.json,
 tokenizer_config.json, train_log.jsonl}`` and prints the held-out accuracy of the saved checkpoint with vanilla
@@ -20,6 +21,10 @@ decoding. Deterministic under ``--seed`` (same torch version, device and thread 
 Budgets (measured, 300 held-out items, vanilla decoding; see assets/README.md): the CPU default, 3000 steps of
 32 (2 cores, 255-330 ms a step), reached 92.3 % (LLaDA) and 78.7 % (Dream); the shipped checkpoints were trained
 with ``--device cuda --steps 7000`` (5-6 min on one H100) and reach 100 % for both.
+
+``--ar-steps N`` (Dream only): the first N steps train an autoregressive LM instead (causal attention,
+next-token loss), the rest the diffusion loss below: the real Dream is initialised from an AR model (Qwen2.5),
+and its shifted layout (position j-1 predicts token j) is that model's.
 
 Objective (masked diffusion, as LLaDA/Dream SFT): per sequence t ~ U(eps, 1] (stratified over the batch); every
 response token (the answer, the end-of-turn token and the EOS padding up to 64 tokens) is replaced by MASK with
@@ -255,6 +260,20 @@ def diffusion_loss(model, arch: str, prompt_ids, prompt_mask, response, mask_id:
     return loss, (ce * masked).sum() / masked.sum().clamp(min=1)
 
 
+def autoregressive_loss(model, prompt_ids, prompt_mask, response):
+    """Next-token loss with causal attention (mean CE over the response): the real Dream starts from an
+    autoregressive LM (Qwen2.5), and its shifted layout (position j-1 predicts token j) is exactly that LM's."""
+    width = prompt_ids.shape[1]
+    x = torch.cat([prompt_ids, response], dim=1)
+    valid = torch.cat([prompt_mask, torch.ones_like(response)], dim=1).bool()
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()[None]
+    hidden = model.partial_forward(x, positions, valid, extra_mask=causal)
+    pred = model.logits_from_hidden(hidden[:, width - 1: -1])
+    ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), response.reshape(-1))
+    return ce, ce
+
+
 # -- main --------------------------------------------------------------------------------------------------------
 DEFAULTS = {  # per architecture; the shipped checkpoints add --device cuda --steps 7000
     "dream": {"hidden": 128, "layers": 4, "heads": 4, "kv_heads": 2, "steps": 3000},
@@ -279,6 +298,9 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; chain 2e-3)")
     ap.add_argument("--objective", choices=["bernoulli", "exact"], default="bernoulli",
                     help="how the masks are drawn (see diffusion_loss)")
+    ap.add_argument("--ar-steps", type=int, default=0,
+                    help="Dream only: the first N of --steps train an autoregressive LM (causal attention, "
+                         "next-token loss), the rest the diffusion loss: the real Dream's AR initialisation")
     ap.add_argument("--min-lr-ratio", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.01)
@@ -301,6 +323,10 @@ def parse_args(argv=None):
     for key, value in {**DEFAULTS[args.arch], **TASK_DEFAULTS.get(args.task, {})}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.ar_steps and args.arch != "dream":
+        ap.error("--ar-steps needs --arch dream (LLaDA predicts token j from position j: no AR layout)")
+    if not 0 <= args.ar_steps < args.steps:
+        ap.error(f"--ar-steps must be in [0, --steps={args.steps}), got {args.ar_steps}")
     return args
 
 
@@ -345,8 +371,11 @@ def train(args) -> dict:
             group["lr"] = lr
         items = [task.sample_item(rng, "train") for _ in range(args.batch_size)]
         prompt_ids, prompt_mask, response = (t.to(args.device) for t in encoder.batch(items))
-        loss, ce = diffusion_loss(model, args.arch, prompt_ids, prompt_mask, response, config.mask_token_id, gen,
-                                  objective=args.objective)
+        if step < args.ar_steps:
+            loss, ce = autoregressive_loss(model, prompt_ids, prompt_mask, response)
+        else:
+            loss, ce = diffusion_loss(model, args.arch, prompt_ids, prompt_mask, response, config.mask_token_id,
+                                      gen, objective=args.objective)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -355,7 +384,8 @@ def train(args) -> dict:
         run_ce += ce.item()
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             k = (step % args.log_every) + 1
-            record = {"step": step + 1, "loss": run_loss / k, "masked_ce": run_ce / k, "lr": lr,
+            record = {"step": step + 1, "stage": "ar" if step < args.ar_steps else "diffusion",
+                      "loss": run_loss / k, "masked_ce": run_ce / k, "lr": lr,
                       "elapsed_s": round(time.perf_counter() - start, 1)}
             log.write(json.dumps(record) + "\n")
             log.flush()

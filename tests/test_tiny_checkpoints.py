@@ -215,3 +215,34 @@ def test_diffusion_loss_weighting_estimates_the_mean_ce(objective):
     with pytest.raises(ValueError, match="objective must be"):
         train_tiny.diffusion_loss(_EchoLM(vocab), "llada", prompt, torch.ones_like(prompt), response, mask_id, gen,
                                   objective="uniform")
+
+
+def test_autoregressive_stage_is_causal_and_switches_to_diffusion(tmp_path, monkeypatch):
+    """--ar-steps (Dream's AR initialisation): the loss at response token j only sees tokens before j, the log
+    says which stage each step ran, and the option is refused where it makes no sense."""
+    train_tiny = _train_module()
+    torch.manual_seed(0)
+    model = DreamModel(DreamConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, mask_token_id=39))
+    prompt, mask = torch.randint(0, 30, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    response = torch.randint(0, 30, (2, 6))
+    changed = response.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 30
+
+    mean_ce = torch.nn.functional.cross_entropy
+    with monkeypatch.context() as patch, torch.no_grad():  # per-token losses instead of their mean
+        patch.setattr(train_tiny.F, "cross_entropy", lambda logits, target: mean_ce(logits, target, reduction="none"))
+        a, b = (train_tiny.autoregressive_loss(model, prompt, mask, r)[0].view(2, -1) for r in (response, changed))
+    assert torch.allclose(a[:, :-1], b[:, :-1]) and not torch.allclose(a[:, -1], b[:, -1])
+    threads = torch.get_num_threads()
+    try:
+        train_tiny.main(["--arch", "dream", "--task", "chain", "--out", str(tmp_path / "ar"), "--steps", "4",
+                         "--ar-steps", "2", "--batch-size", "2", "--hidden", "32", "--layers", "1", "--heads", "2",
+                         "--kv-heads", "1", "--warmup", "1", "--log-every", "1", "--no-eval", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    log = [json.loads(line) for line in (tmp_path / "ar" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == ["ar", "ar", "diffusion", "diffusion"]
+    for bad in (["--arch", "llada", "--ar-steps", "2"], ["--arch", "dream", "--steps", "3", "--ar-steps", "3"]):
+        with pytest.raises(SystemExit):
+            train_tiny.parse_args([*bad, "--out", str(tmp_path / "x")])

@@ -25,8 +25,9 @@ held-out (start, moves) pair is ever seen in training, whatever the seed. ``dkvc
 
 Scoring: exact match of the written chain -- the first number of the completion must equal the gold path
 (start, then every move and state). The ``#### d`` summary line is not scored: under confidence (and entropy)
-ordering the tiny Dream commits that digit before it has written the path (from a shortcut it learned in
-training), which would score Dream's vanilla decoding at ~21 % although its path is right on every item; the
+ordering the first (from-scratch) tiny Dream committed that digit before it had written the path (from a
+shortcut it learned in training), which scored its vanilla decoding at ~21 % although its path was right on
+every item; the
 chain is what every strategy must get right, and a wrong state makes the path wrong.
 
 CLI (the same as the arith task's)::
