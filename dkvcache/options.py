@@ -41,7 +41,8 @@ class GenerationOptions:
     transformers config attributes); here omitted means off. To reproduce that behaviour pass
     ``temperature=1.0, top_k=50``.
     Decoding strategies (``dkvcache.decoders``, docs/decoders.md): ``decoding`` in "vanilla", "pc_sampler"
-    (``pc_frequencies``, ``clip_alpha`` 10), "klass" (``kl_threshold`` 0.01, ``kl_history_length`` 2),
+    (``pc_frequencies``, ``clip_alpha`` 10), "klass" (``kl_threshold``, ``conf_threshold``: its authors' per
+    family, LLaDA 0.015 / 0.6, Dream 0.001 / 0.9; ``kl_history_length`` 2),
     "eb_sampler" (``gamma`` 0.001), "wino" (``wide_in_thres`` 0.7, ``narrow_out_thres`` 0.9; no cache), "ar".
     A knob left None takes that default for its own decoding; a knob of another decoding is rejected. For
     decodings other than vanilla the default ``alg`` is "maskgit_plus" (Dream's "origin" has no confidence).
@@ -88,6 +89,7 @@ class GenerationOptions:
     pc_frequencies: Any = None
     kl_threshold: float | None = None
     kl_history_length: int | None = None
+    conf_threshold: float | None = None
     gamma: float | None = None
     wide_in_thres: float | None = None
     narrow_out_thres: float | None = None

@@ -115,15 +115,31 @@ def test_klass_with_zero_threshold_is_vanilla(family, extra):
 
 
 @pytest.mark.parametrize("family", MODELS)
-def test_klass_default_rule_transfers_the_stable_set(family):
+def test_klass_rule_transfers_the_confident_stable_set(family):
     """Bug §6.1 j: without threshold/factor the reference's stable set was always empty (plain top-k). Here
-    every stable candidate is unmasked: with everything stable after kl_history_length steps, a block takes
-    history + 1 forwards; a longer history waits longer."""
+    every stable candidate with a score ≥ conf_threshold is unmasked: with everything stable after
+    kl_history_length steps and no confidence floor, a block takes history + 1 forwards; a longer history waits
+    longer; a floor nothing reaches is vanilla."""
     model, (ids, mask) = MODELS[family], left_pad(PROMPTS)
     kwargs = dict(max_new_tokens=12, block_length=12, decoding="klass", kl_threshold=1e9)
-    assert _gen(model, ids, mask, **kwargs).stats["forwards"] == 3
-    assert _gen(model, ids, mask, kl_history_length=4, **kwargs).stats["forwards"] == 5
-    assert _gen(model, ids, mask, max_new_tokens=12, block_length=12, alg="maskgit_plus").stats["forwards"] == 12
+    assert _gen(model, ids, mask, conf_threshold=0.0, **kwargs).stats["forwards"] == 3
+    assert _gen(model, ids, mask, conf_threshold=0.0, kl_history_length=4, **kwargs).stats["forwards"] == 5
+    vanilla = _gen(model, ids, mask, max_new_tokens=12, block_length=12, alg="maskgit_plus")
+    assert vanilla.stats["forwards"] == 12
+    assert torch.equal(_gen(model, ids, mask, conf_threshold=1.01, **kwargs).sequences, vanilla.sequences)
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_klass_defaults_are_its_authors_per_family(family):
+    """Unset, kl_threshold and conf_threshold take the values KLASS's authors run for the family (stats say
+    which); explicit values win."""
+    model, (ids, mask) = MODELS[family], left_pad(PROMPTS)
+    out = _gen(model, ids, mask, max_new_tokens=12, block_length=12, decoding="klass")
+    expected = {"llada": (0.015, 0.6), "dream": (0.001, 0.9)}[family]
+    assert (out.stats["kl_threshold"], out.stats["conf_threshold"]) == expected
+    explicit = _gen(model, ids, mask, max_new_tokens=12, block_length=12, decoding="klass", kl_threshold=0.2,
+                    conf_threshold=0.0)
+    assert (explicit.stats["kl_threshold"], explicit.stats["conf_threshold"]) == (0.2, 0.0)
 
 
 # --- AR -----------------------------------------------------------------------------------------------------
@@ -256,6 +272,9 @@ BAD = [
     (dict(decoding="klass", kl_history_length=0), ValueError, "kl_history_length"),
     (dict(decoding="klass", kl_history_length=1.5), TypeError, "kl_history_length"),
     (dict(decoding="klass", kl_threshold="x"), TypeError, "kl_threshold"),
+    (dict(decoding="klass", conf_threshold="x"), TypeError, "conf_threshold"),
+    (dict(decoding="klass", alg="entropy"), ValueError, "conf_threshold"),
+    (dict(conf_threshold=0.5), ValueError, "conf_threshold is an option of decoding='klass'"),
     (dict(decoding="wino", wide_in_thres=1.5), ValueError, "wide_in_thres"),
     (dict(decoding="wino", use_cache=True, cache_type="dual"), ValueError, "cache_type='none' only"),
     (dict(decoding="wino", threshold=0.9), ValueError, "wide_in_thres"),
