@@ -202,6 +202,9 @@ def test_decoding_presets() -> None:
     """generation=<decoder> passes decoding=… and its knobs; vanilla passes no decoding keyword."""
     kwargs = C.generate_kwargs(C.load(["generation=klass"]))
     assert (kwargs["decoding"], kwargs["kl_threshold"], kwargs["kl_history_length"]) == ("klass", 0.01, 2)
+    assert "conf_threshold" not in kwargs  # unset: the decoder's per-family default
+    floor = C.generate_kwargs(C.load(["generation=klass", "generation.conf_threshold=0.5"]))["conf_threshold"]
+    assert floor == 0.5
     assert kwargs["alg"] == "maskgit_plus"  # tiny-dream's entropy default is for vanilla decoding
     assert C.generate_kwargs(C.load(["generation=eb_sampler"]))["gamma"] == 0.001
     assert "decoding" not in C.generate_kwargs(C.load([]))

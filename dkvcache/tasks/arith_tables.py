@@ -139,7 +139,7 @@ def _decoders(family: str, gen: int) -> list[tuple[str, dict]]:
         ("vanilla, maskgit_plus", dict(mg)),
         ("vanilla, maskgit_plus, threshold 0.9", {**mg, "threshold": 0.9}),
         ("pc_sampler (clip_alpha 10)", {**mg, "decoding": "pc_sampler"}),
-        ("klass (0.01, 2)", {**mg, "decoding": "klass"}),
+        ("klass (defaults)", {**mg, "decoding": "klass"}),
         ("klass + threshold 0.9", {**mg, "decoding": "klass", "threshold": 0.9}),
         ("eb_sampler (gamma 0.001)", {**mg, "decoding": "eb_sampler"}),
         ("eb_sampler (gamma 0.1)", {**mg, "decoding": "eb_sampler", "gamma": 0.1}),
