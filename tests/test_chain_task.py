@@ -150,6 +150,28 @@ def test_compare_ranking() -> None:
         chain_tables.compare(a, a[:2])
 
 
+def test_compare_by_row_group(capsys: pytest.CaptureFixture, tmp_path) -> None:
+    """The two-seed check per group: an inversion between two parallel-decoding rows shows in "all rows" and
+    "without a cache", not in the cache group; the CLI prints the group table."""
+    labels = ["vanilla (one token a step)", "dKV prefill", "! dKV decoded, cache_steps 32 (never refreshed)",
+              "Fast-dLLM dual + threshold 0.9", "decoder eb_sampler (defaults)", "! steps 8 (4 tokens a step)"]
+    a = [_row(label, c) for label, c in zip(labels, [300, 299, 150, 280, 200, 10])]
+    b = [_row(label, c) for label, c in zip(labels, [300, 298, 140, 270, 20, 150])]
+    groups = chain_tables.compare_groups(a, b)
+    assert {k: g["rows"] for k, g in groups.items()} == {
+        "all rows": 6, "the defaults (no !)": 4, "one token a step with a cache, and vanilla": 3,
+        "without a cache": 3}
+    assert groups["one token a step with a cache, and vanilla"]["same_ranking"]
+    assert ("decoder eb_sampler (defaults)", "! steps 8 (4 tokens a step)") in groups["without a cache"]["inversions"]
+    assert not groups["all rows"]["same_ranking"]
+    paths = []
+    for name, rows in (("a", a), ("b", b)):
+        chain_tables.save(rows, str(tmp_path / f"{name}.json"))
+        paths.append(str(tmp_path / f"{name}.json"))
+    assert chain_tables.main(paths) == 0
+    assert "| one token a step with a cache, and vanilla | 3 | " in capsys.readouterr().out
+
+
 def test_markdown_has_interval_and_drop() -> None:
     text = chain_tables.markdown([_row("v", 270), _row("x", 150)])
     assert "| x | 50.0 % [44.4, 55.6] (150/300) | -40.0 | 1.00× |" in text

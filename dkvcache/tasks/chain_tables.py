@@ -21,6 +21,15 @@ from collections.abc import Sequence
 from typing import Any
 
 TABLES = ("yardstick",)
+# Row groups of the two-seed check (by the row labels of the yardstick table): which rows rank the same way.
+_CACHE_WORDS = ("dKV", "Fast-dLLM", "dLLM-Cache", "d2Cache")
+ROW_GROUPS: dict[str, Any] = {
+    "all rows": lambda label: True,
+    "the defaults (no !)": lambda label: not label.startswith("!"),
+    "one token a step with a cache, and vanilla": lambda label: "threshold" not in label and (
+        label.startswith("vanilla") or any(word in label for word in _CACHE_WORDS)),
+    "without a cache": lambda label: not any(word in label for word in _CACHE_WORDS),
+}
 
 
 def _yardstick(family: str, gen: int) -> list[tuple[str, dict]]:
@@ -172,6 +181,15 @@ def compare(first: list[dict], second: list[dict]) -> dict:
             "inversions": sorted(set(inversions)), "same_ranking": not inversions}
 
 
+def compare_groups(first: list[dict], second: list[dict]) -> dict[str, dict]:
+    """:func:`compare` on every :data:`ROW_GROUPS` subset of the rows (the group's row count added as ``rows``)."""
+    out = {}
+    for name, keep in ROW_GROUPS.items():
+        a = [r for r in first if keep(r["setting"])]
+        out[name] = {"rows": len(a), **compare(a, [r for r in second if keep(r["setting"])])}
+    return out
+
+
 def kendall_tau_b(a: Sequence[float], b: Sequence[float]) -> float:
     """Kendall's tau-b (ties in either list handled) of two equally long lists."""
     concordant = discordant = ties_a = ties_b = 0
@@ -218,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for pair in result["inversions"][:10]:
         print(f"  inverted: {pair[0]} vs {pair[1]}")
     print("same ranking" if result["same_ranking"] else "ranking differs")
+    print("\n| rows compared | rows | Kendall tau-b | inversions |\n|---|---|---|---|")
+    for name, group in compare_groups(*runs).items():
+        print(f"| {name} | {group['rows']} | {group['kendall_tau_b']:.2f} | {len(group['inversions'])} |")
     return 0
 
 
