@@ -27,7 +27,6 @@ from dkvcache.head import HeadSettings, step_head
 
 # The torch.compile backend; tests may switch it to "aot_eager" (same graph capture, no code generation).
 BACKEND = "inductor"
-FREEZE = False
 # One code object (partial_forward) is compiled for every (model, batch, length, fed width): more than dynamo's
 # default 8 versions. Each is a bucketed shape, so the count stays bounded.
 RECOMPILE_LIMIT = 256
@@ -61,8 +60,7 @@ class Compiled:
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
-        options = {"freezing": True} if FREEZE and mode is None and BACKEND == "inductor" else None
-        self.fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=BACKEND, mode=mode, options=options)
+        self.fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=BACKEND, mode=mode)
         self.backend = BACKEND
         self.shapes: set[tuple] = set()
 
