@@ -182,3 +182,10 @@ def test_cli_errors() -> None:
         chain.main(["--model", "x", "--limit", "0"])
     with pytest.raises(SystemExit):
         chain.main(["--limit", "3"])  # no --model
+
+
+def test_write_test_set_reproduces_the_shipped_file(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "chain_test.jsonl"
+    assert chain.main(["--write-test-set", str(out)]) == 0
+    assert out.read_bytes() == open(chain.DATA_PATH, "rb").read()
+    assert f"wrote {chain.TEST_SIZE} held-out items" in capsys.readouterr().out

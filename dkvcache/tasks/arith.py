@@ -321,8 +321,10 @@ def _fmt(result: dict) -> str:
             f"forwards {result['forwards']}")
 
 
-def task_parser(task: str, doc: str, example_model: str, data_path: str, batch_size: int) -> argparse.ArgumentParser:
-    """The options every synthetic task's CLI shares (model, data, limit, batch size, dtype, device, threads)."""
+def task_parser(task: str, doc: str, example_model: str, data_path: str, batch_size: int,
+                test_set: tuple[int, int]) -> argparse.ArgumentParser:
+    """The options every synthetic task's CLI shares (model, data, limit, batch size, dtype, device, threads, the
+    output switches and ``--write-test-set``; ``test_set`` = the held-out split's (size, seed), for its help)."""
     ap = argparse.ArgumentParser(prog=f"python -m dkvcache.tasks.{task}", description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help=f"checkpoint directory (e.g. {example_model})")
@@ -332,7 +334,22 @@ def task_parser(task: str, doc: str, example_model: str, data_path: str, batch_s
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--plot", metavar="PNG", help="with --table: also plot accuracy vs tokens/s to this file")
+    ap.add_argument("--show", type=int, default=0, help="print the first N predictions")
+    ap.add_argument("--json", action="store_true", help="also print each result as one JSON line")
+    ap.add_argument("--write-test-set", metavar="PATH", nargs="?", const=data_path,
+                    help=f"regenerate the held-out JSONL ({test_set[0]} items, seed {test_set[1]}) and exit")
     return ap
+
+
+def write_test_set_if_asked(args: argparse.Namespace, make_items: Callable[[], list], write: Callable) -> bool:
+    """``--write-test-set``: write the held-out items and say so (True: the CLI is done)."""
+    if not args.write_test_set:
+        return False
+    items = make_items()
+    write(items, args.write_test_set)
+    print(f"wrote {len(items)} held-out items to {args.write_test_set}")
+    return True
 
 
 def load_for_run(ap: argparse.ArgumentParser, args: argparse.Namespace, rest: Sequence[str]) -> tuple[Any, Any, dict]:
@@ -354,19 +371,12 @@ def load_for_run(ap: argparse.ArgumentParser, args: argparse.Namespace, rest: Se
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = task_parser("arith", __doc__, "assets/tiny-dream", DATA_PATH, 64)
+    ap = task_parser("arith", __doc__, "assets/tiny-dream", DATA_PATH, 64, (TEST_SIZE, TEST_SEED))
     ap.add_argument("--table", choices=arith_tables.TABLES,
                     help="run a named table of settings and print it as markdown (see dkvcache.tasks.arith_tables)")
     ap.add_argument("--signal", action="store_true", help="same as --table signal")
-    ap.add_argument("--plot", metavar="PNG", help="with --table: also plot accuracy vs tokens/s to this file")
-    ap.add_argument("--show", type=int, default=0, help="print the first N predictions")
-    ap.add_argument("--json", action="store_true", help="also print the result as one JSON line")
-    ap.add_argument("--write-test-set", metavar="PATH", nargs="?", const=DATA_PATH,
-                    help=f"regenerate the held-out JSONL ({TEST_SIZE} items, seed {TEST_SEED}) and exit")
     args, rest = ap.parse_known_args(argv)
-    if args.write_test_set:
-        write_jsonl(make_test_items(), args.write_test_set)
-        print(f"wrote {TEST_SIZE} held-out items to {args.write_test_set}")
+    if write_test_set_if_asked(args, make_test_items, write_jsonl):
         return 0
     model, tokenizer, overrides = load_for_run(ap, args, rest)
     family = model.diffusion_family

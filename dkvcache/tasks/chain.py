@@ -213,20 +213,13 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int =
 
 # -- CLI -------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = arith.task_parser("chain", __doc__, "assets/tiny-dream-chain", DATA_PATH, 100)
+    ap = arith.task_parser("chain", __doc__, "assets/tiny-dream-chain", DATA_PATH, 100, (TEST_SIZE, TEST_SEED))
     ap.add_argument("--table", choices=chain_tables.TABLES + arith_tables.TABLES,
                     help="run a named table of settings and print it as markdown (see dkvcache.tasks.chain_tables)")
-    ap.add_argument("--plot", metavar="PNG", help="with --table: also plot accuracy vs tokens/s to this file")
-    ap.add_argument("--show", type=int, default=0, help="print the first N predictions")
-    ap.add_argument("--json", action="store_true", help="also print each result as one JSON line")
     ap.add_argument("--save", metavar="JSON", help="with --table: write the rows (no predictions) to this file, "
                                                    "for python -m dkvcache.tasks.chain_tables A.json B.json")
-    ap.add_argument("--write-test-set", metavar="PATH", nargs="?", const=DATA_PATH,
-                    help=f"regenerate the held-out JSONL ({TEST_SIZE} items, seed {TEST_SEED}) and exit")
     args, rest = ap.parse_known_args(argv)
-    if args.write_test_set:
-        write_jsonl(make_test_items(), args.write_test_set)
-        print(f"wrote {TEST_SIZE} held-out items to {args.write_test_set}")
+    if arith.write_test_set_if_asked(args, make_test_items, write_jsonl):
         return 0
     model, tokenizer, overrides = arith.load_for_run(ap, args, rest)
     family = model.diffusion_family
