@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     cache = p.add_mutually_exclusive_group()
     for flag, name in CACHE_FLAGS.items():
         cache.add_argument(f"--{flag}", action="store_true", help=f"cache_type={name!r}")
-    p.add_argument("--shift-type", default="un", choices=["un", "un_right"], help="dKV shift rule")
+    p.add_argument("--shift-type", default="un_right", choices=["un", "un_right"],
+                   help="dKV shift rule (default un_right; un = the original's)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float)
     args = p.parse_args(argv)

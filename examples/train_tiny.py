@@ -180,6 +180,20 @@ def make_model(arch: str, config):
     return model
 
 
+def load_init(path: str, arch: str, tokenizer):
+    """The checkpoint at ``path`` in float32, checked to be this --arch with this task's tokenizer."""
+    from models import DreamModel, LLaDAModelLM
+
+    cls = DreamModel if arch == "dream" else LLaDAModelLM
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    vocab = padded_vocab(len(tokenizer))
+    if config.get("model_type") != cls.config_class.model_type or config.get("vocab_size") != vocab:
+        raise SystemExit(f"--init {path}: a {config.get('model_type')!r} checkpoint with vocab "
+                         f"{config.get('vocab_size')}, not --arch {arch} with this task's tokenizer (vocab {vocab})")
+    return cls.from_pretrained(path, dtype=torch.float32)
+
+
 def generation_config(arch: str, config, gen_length: int = arith.GEN_LENGTH) -> dict:
     if arch == "dream":
         return {"alg": "entropy", "alg_temp": None, "bos_token_id": config.bos_token_id,
@@ -301,6 +315,9 @@ def parse_args(argv=None):
     ap.add_argument("--ar-steps", type=int, default=0,
                     help="Dream only: the first N of --steps train an autoregressive LM (causal attention, "
                          "next-token loss), the rest the diffusion loss: the real Dream's AR initialisation")
+    ap.add_argument("--init", default=None,
+                    help="continue from this checkpoint directory (same --arch and --task; its config replaces "
+                         "--hidden/--layers/...; a fresh optimizer and LR schedule; pick a new --seed for new data)")
     ap.add_argument("--min-lr-ratio", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.01)
@@ -325,6 +342,8 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.ar_steps and args.arch != "dream":
         ap.error("--ar-steps needs --arch dream (LLaDA predicts token j from position j: no AR layout)")
+    if args.init is not None and not os.path.isfile(os.path.join(args.init, "config.json")):
+        ap.error(f"--init must be a checkpoint directory with a config.json, got {args.init!r}")
     if not 0 <= args.ar_steps < args.steps:
         ap.error(f"--ar-steps must be in [0, --steps={args.steps}), got {args.ar_steps}")
     return args
@@ -349,8 +368,12 @@ def train(args) -> dict:
 
     task = TASKS[args.task]
     tokenizer = build_tokenizer(args.arch, task)
-    config = make_config(args.arch, tokenizer, args)
-    model = make_model(args.arch, config).to(args.device)
+    if args.init is not None:
+        model = load_init(args.init, args.arch, tokenizer).to(args.device)
+        config = model.config
+    else:
+        config = make_config(args.arch, tokenizer, args)
+        model = make_model(args.arch, config).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.arch}: {n_params / 1e6:.2f}M parameters, vocab {config.vocab_size} "
           f"(tokenizer {len(tokenizer)}), {args.steps} steps x {args.batch_size}", flush=True)

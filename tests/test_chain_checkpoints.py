@@ -42,6 +42,19 @@ def test_loads_offline_and_passes_a_vanilla_floor(family: str, monkeypatch: pyte
     assert result["accuracy"] >= 0.8, result["predictions"][:3]
 
 
+def test_dream_dkv_default_shift_keeps_the_paths() -> None:
+    """Dream's default shift rule ('un_right') keeps dKV decoded at vanilla accuracy on the chain checkpoint; the
+    original's 'un' (a still-MASK position cached once its right neighbour is decoded) loses paths."""
+    model, tokenizer = chain.arith.load_model(str(MODELS["dream"]))
+    rows = chain.load_jsonl(limit=40)
+    common = {**chain.default_generation_kwargs("dream"), "use_cache": True, "cache_type": "decoded",
+              "cache_steps": 4}
+    default = chain.evaluate(model, tokenizer, rows, batch_size=40, **common)
+    original = chain.evaluate(model, tokenizer, rows, batch_size=40, **common, shift_type="un")
+    assert default["correct"] == 40, [p for p in default["predictions"] if not p["correct"]][:2]
+    assert original["correct"] <= 36
+
+
 def test_yardstick_cli_runs_every_row(family: str, capsys: pytest.CaptureFixture) -> None:
     assert chain.main(["--model", str(MODELS[family]), "--table", "yardstick", "--limit", "2",
                        "--batch-size", "2", "--threads", "1"]) == 0
@@ -93,3 +106,17 @@ def test_train_script_takes_the_chain_task(tmp_path: Path) -> None:
     assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == row["question"]
     assert "moves" in tokenizer.get_vocab() and "apples" not in tokenizer.get_vocab()
     assert json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[0])["step"] == 1
+
+    # --init continues from that checkpoint: its weights, not a fresh init (lr 0: the weights stay as loaded)
+    more = tmp_path / "continued"
+    try:
+        train_tiny.main(["--task", "chain", "--arch", "llada", "--out", str(more), "--init", str(tmp_path),
+                         "--steps", "1", "--batch-size", "2", "--lr", "0", "--warmup", "1", "--no-eval",
+                         "--threads", "1", "--seed", "5"])
+    finally:
+        torch.set_num_threads(threads)
+    first, second = (AutoModel.from_pretrained(path).state_dict() for path in (tmp_path, more))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    with pytest.raises(SystemExit):  # a Dream --init of a LLaDA checkpoint is refused
+        train_tiny.main(["--task", "chain", "--arch", "dream", "--out", str(tmp_path / "x"), "--init",
+                         str(tmp_path), "--steps", "1", "--no-eval", "--threads", "1"])

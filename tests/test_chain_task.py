@@ -117,6 +117,7 @@ def test_yardstick_rows(family: str) -> None:
     aggressive = [label for label in labels if label.startswith("!")]
     assert len(aggressive) >= 10
     assert any(kw.get("cache_type") == "greedy" for _, kw in rows) == (family == "llada")
+    assert any(kw.get("shift_type") == "un" for _, kw in rows) == (family == "dream")  # the original's rule
     for _, kw in rows:  # Dream's threshold rows need a probability score
         if family == "dream" and "threshold" in kw:
             assert kw.get("alg") == "maskgit_plus"

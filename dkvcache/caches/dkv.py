@@ -41,8 +41,11 @@ def cacheable(decoded: torch.Tensor, shift_type: str) -> torch.Tensor:
     """The shift rule: which positions' K/V may be cached once the tokens ``decoded`` (B, L) are final.
 
     un        C[j] = d[j+1], C[L-1] = d[0]: position j's query is only needed to predict token j+1 (Dream),
-              so it is dropped as soon as j+1 is decoded, even while j itself is MASK (most aggressive).
-    un_right  C[j] = d[j] and d[j+1], C[L-1] = C[L-2]: cached once its own token and its prediction are final.
+              so it is dropped as soon as j+1 is decoded, even while j itself is MASK (most aggressive; the
+              original's default).
+    un_right  C[j] = d[j] and d[j+1], C[L-1] = C[L-2]: cached once its own token and its prediction are final
+              (Dream's default here: 'un' keeps a still-MASK token's K/V, so the token's identity stays
+              invisible until the next refresh; on the chain task that costs 22-95 points, docs/accuracy.md).
     right     C[j] = d[j]: for models without the logit shift (LLaDA).
     """
     if shift_type == "right":
@@ -88,15 +91,15 @@ class _ShiftRuleCache(CacheStrategy):
             raise ValueError(
                 "diffusion_generate: shift_type='right' is not valid for Dream: Dream reads token j+1's logits at "
                 "position j, so caching a decoded position's query leaves its right neighbour without logits (the "
-                "original then samples from NaN and writes token 0). Use 'un' (the original's default, most "
-                "aggressive) or 'un_right' (cache a position once its token and its prediction are final).")
+                "original then samples from NaN and writes token 0). Use 'un_right' (the default: cache a position "
+                "once its token and its prediction are final) or 'un' (the original's default, most aggressive).")
         if family == "llada" and shift not in (None, "right"):
             raise ValueError(f"diffusion_generate: shift_type={shift!r} needs Dream's logit shift; LLaDA predicts "
                              "token j at position j, so its cache rule is 'right' (the default)")
 
     def begin(self, state: DecodeState) -> None:
         if self.shift_type is None:
-            self.shift_type = "un" if state.family.shift_logits else "right"
+            self.shift_type = "un_right" if state.family.shift_logits else "right"
         self.cache = _initial_cacheable(~state.masked(), self.shift_type)
         self.cached_now = None
 

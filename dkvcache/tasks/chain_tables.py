@@ -47,6 +47,9 @@ def _yardstick(family: str, gen: int) -> list[tuple[str, dict]]:
         ("dKV pd, cache_steps 4", {**cache, "cache_type": "pd", "cache_steps": 4}),
         (f"! dKV pd, cache_steps {gen} (never refreshed)", {**cache, "cache_type": "pd", "cache_steps": gen}),
     ]
+    if family == "dream":  # the original's shift rule: caches a still-MASK position once its right neighbour is set
+        rows.append(("! dKV decoded, cache_steps 4, shift 'un' (the original's)",
+                     {**cache, "cache_type": "decoded", "cache_steps": 4, "shift_type": "un"}))
     if family == "llada":
         greedy = {**cache, "cache_type": "greedy", "remasking": "random", "seed": 0}
         rows += [("dKV greedy, cache_steps 2 (random order)", {**greedy, "cache_steps": 2}),
