@@ -85,19 +85,18 @@ class KVBuffers:
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.length = length
-        self._index: tuple[torch.Tensor, torch.Tensor] | None = None  # (fed_idx, its scatter index), per forward
 
-    def update(self, layer: int, fed_idx: torch.Tensor | None, k: torch.Tensor,
-               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, fed_idx: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
+               index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Store fresh k/v (B, Hkv, n, D) at positions ``fed_idx`` (B, n) (``None``: all L positions, in order);
-        return every layer key/value (B, Hkv, L + 1, D) to attend over."""
+        return every layer key/value (B, Hkv, L + 1, D) to attend over. ``index``: ``fed_idx`` expanded to
+        k's shape, when the caller already built it (once per forward, :meth:`ForwardContext.scatter_index`)."""
         if fed_idx is None:
             self.keys[layer][:, :, : self.length] = k
             self.values[layer][:, :, : self.length] = v
         else:
-            if self._index is None or self._index[0] is not fed_idx:  # built once per forward, not per layer
-                self._index = (fed_idx, fed_idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]))
-            index = self._index[1]
+            if index is None:
+                index = fed_idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
             self.keys[layer].scatter_(2, index, k)
             self.values[layer].scatter_(2, index, v)
         return self.keys[layer], self.values[layer]
@@ -176,6 +175,15 @@ class ForwardContext:
             self.cache[dtype] = (self.cos[:, None].to(dtype), self.sin[:, None].to(dtype))
         return self.cache[dtype]
 
+    def scatter_index(self, k: torch.Tensor) -> torch.Tensor | None:
+        """``fed_idx`` expanded to the fresh keys' shape (B, Hkv, n, D), the K/V buffers' scatter index (built
+        once per forward; kept here, not on the buffers, so a compiled forward carries no state between calls)."""
+        if self.fed_idx is None:
+            return None
+        if "scatter" not in self.cache:
+            self.cache["scatter"] = self.fed_idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+        return self.cache["scatter"]
+
     def attn_mask(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Which keys each query may attend: the key-padding mask, ANDed with ``extra_mask`` when given. With a
         ``dtype``, as the additive mask SDPA would build from it on every call (0 / −inf), built once here."""
@@ -227,7 +235,7 @@ def attention_sublayer(layer: nn.Module, normed: torch.Tensor, ctx: ForwardConte
     q = apply_rotary(q, cos, sin, layer.rotate_in_model_dtype)
     k = apply_rotary(k, cos, sin, layer.rotate_in_model_dtype)
     if ctx.kv is not None:
-        k, v = ctx.kv.update(index, ctx.fed_idx, k, v)
+        k, v = ctx.kv.update(index, ctx.fed_idx, k, v, ctx.scatter_index(k))
     mask = ctx.attn_mask(None if ctx.want_attn_probs else q.dtype)
     out, probs = attention(q, k, v, mask, ctx.want_attn_probs)
     if probs is not None:

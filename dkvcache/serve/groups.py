@@ -248,6 +248,5 @@ class Pool(Group):
         kv, self._kv = self._kv, None
         state = self.session.state
         if kv is not None and kv.length == state.length and kv.keys[0].shape[0] == state.batch:
-            kv._index = None
             state.kv = kv
             self.buffers_reused += 1
