@@ -5,9 +5,8 @@ The step's shapes are static by construction: the fed set is a fixed-width index
 layer stack traces into one graph with no break (``fullgraph=True``) and is compiled per (batch, length, fed
 width): a handful of shapes per call. On CPU ``torch.compile`` (inductor) fuses the layer stack; on CUDA the same
 call uses ``mode="reduce-overhead"`` (CUDA graphs). The step's head (``dkvcache.head``: logits at the
-candidates, proposals and confidences) joins the forward in one graph on CPU and is a second graph on CUDA.
-Compile/capture time is reported separately in ``stats`` (``compile_s``, ``compiled_shapes``), never mixed into
-the timed generation.
+candidates, proposals and confidences) is a second compiled graph per shape. Compile/capture time is reported
+separately in ``stats`` (``compile_s``, ``compiled_shapes``), never mixed into the timed generation.
 
 Not captured (eager, with a one-line notice): strategies that install a per-layer hook with data-dependent row
 sets or need attention probabilities (``dllm``: per-row recompute sets chosen inside each layer; ``d2``: the
@@ -109,30 +108,3 @@ def compiled_head(model: Any) -> Compiled:
     device = next(model.parameters()).device
     return _cached(model, "_dkvcache_compiled_head",
                    lambda: Compiled(functools.partial(step_head, model), device, cuda_graphs=False))
-
-
-def forward_and_head(model: Any, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
-                     fed_idx: torch.Tensor | None, kv: Any, *head_args: Any) -> tuple[torch.Tensor, ...]:
-    """The model forward on the fed positions, then :func:`dkvcache.head.step_head` on its hidden states."""
-    hidden = model.partial_forward(ids, positions, key_valid, fed_idx=fed_idx, kv=kv)
-    return step_head(model, hidden, fed_idx, *head_args)
-
-
-def compiled_step(model: Any) -> Any:
-    """:func:`forward_and_head` compiled: ``fn(stats, ids, positions, key_valid, fed_idx, kv, source, cand_valid,
-    offsets, row_seeds, noise_step, head_settings)`` → (logits, decodable, tokens, confidences).
-
-    On CPU one graph per shape (one dynamo entry and one inductor call a step instead of two: ~0.2 ms less at
-    batch 1 on the tiny checkpoints). On CUDA the forward is replayed from a CUDA graph's static buffers and the
-    head compiled apart, because the head's outputs must outlive the next replay.
-    """
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        forward, head = compiled_forward(model), compiled_head(model)
-
-        def separate(stats: dict, ids, positions, key_valid, fed_idx, kv, *head_args):
-            return head(stats, forward(stats, ids, positions, key_valid, fed_idx, kv), fed_idx, *head_args)
-
-        return separate
-    return _cached(model, "_dkvcache_compiled_step",
-                   lambda: Compiled(functools.partial(forward_and_head, model), device, cuda_graphs=False))

@@ -289,25 +289,21 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder) 
     state.refreshes += int(plan.refresh)
     source = cand_pos - 1 if state.family.shift_logits else cand_pos
     source = torch.where(cand_valid, source, length)
+    hidden, shadow = _forward(state, strategy, plan, decoder)
     offsets = (cand_pos - state.prompt_length).clamp(min=0)
-    full = shadow = None
-    if opts.compile and state.capture_blocker is None:  # the forward and the head as one captured call
-        ids, positions, key_valid, kv, _ = _forward_inputs(state, plan, decoder)
-        noise_step = torch.tensor(state.noise_step, device=cand_pos.device)  # data, so no recompile per step
-        with record_function("dkvcache.forward"):
-            logits, decodable, x0, conf = capture.compiled_step(state.model)(
-                state.capture_stats, ids, positions, key_valid, plan.fed_idx, kv, source, cand_valid, offsets,
-                state.row_seeds, noise_step, state.head_settings)
-        _count_forward(state, plan, ids)
-    elif opts.full_logits or opts.generation_logits_hook_func or opts.generation_tokens_hook_func:
-        hidden, shadow = _forward(state, strategy, plan, decoder)
+    full = None
+    if opts.full_logits or opts.generation_logits_hook_func or opts.generation_tokens_hook_func:
         logits, full = _logits_everywhere(state, hidden, plan, cand_pos)
         decodable = cand_valid  # a candidate whose source position was not fed this step has no prediction
         if plan.fed_idx is not None:
             decodable = cand_valid & (slots_of(plan.fed_idx, length).gather(1, source) >= 0)
         x0, conf = propose(logits, offsets, state.row_seeds, state.noise_step, state.head_settings)
+    elif opts.compile and state.capture_blocker is None:
+        noise_step = torch.tensor(state.noise_step, device=cand_pos.device)  # data, so no recompile per step
+        logits, decodable, x0, conf = capture.compiled_head(state.model)(
+            state.capture_stats, hidden, plan.fed_idx, source, cand_valid, offsets, state.row_seeds, noise_step,
+            state.head_settings)
     else:
-        hidden, shadow = _forward(state, strategy, plan, decoder)
         logits, decodable, x0, conf = step_head(state.model, hidden, plan.fed_idx, source, cand_valid, offsets,
                                                 state.row_seeds, state.noise_step, state.head_settings)
     override = strategy.confidence(state, cand_pos)
@@ -329,16 +325,22 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder) 
     return True
 
 
-def _forward_inputs(state: DecodeState, plan: caches.StepPlan, decoder: Decoder) -> tuple[Any, ...]:
-    """(ids, positions, key_valid, kv, extension) of this step's forward: the decoder's extension appended, both
-    CFG halves when cfg_scale > 0, the K/V buffers allocated on first use (None when the plan reads none)."""
+def _forward(state: DecodeState, strategy: caches.CacheStrategy, plan: caches.StepPlan,
+             decoder: Decoder) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the model on the plan's fed positions (both CFG halves when cfg_scale > 0).
+
+    Returns the hidden states of the fed positions and, when the decoder appends tokens (WINO's shadow block,
+    no cache), theirs separately.
+    """
     model, opts = state.model, state.opts
     ids, positions, key_valid = state.x, state.positions, state.key_valid
     extension = decoder.extension(state)
+    extra_mask = None
     if extension is not None:
         ids = torch.cat([ids, extension.ids], dim=1)
         positions = torch.cat([positions, extension.positions], dim=1)
         key_valid = torch.cat([key_valid, torch.ones_like(extension.ids, dtype=torch.bool)], dim=1)
+        extra_mask = extension.extra_mask
     if opts.cfg_scale > 0:
         unconditional = ids.clone()
         unconditional[:, : state.prompt_length] = opts.mask_token_id  # the prompt (pads included) is masked
@@ -350,30 +352,17 @@ def _forward_inputs(state: DecodeState, plan: caches.StepPlan, decoder: Decoder)
         if state.kv is None:
             state.kv = model.allocate_kv(ids.shape[0], state.length)
         kv = state.kv
-    return ids, positions, key_valid, kv, extension
-
-
-def _count_forward(state: DecodeState, plan: caches.StepPlan, ids: torch.Tensor) -> None:
-    """The forward and fed-position counters behind ``stats``."""
+    with record_function("dkvcache.forward"):  # scope for dkvcache.overhead's per-layer call counts
+        if opts.compile and state.capture_blocker is None:
+            hidden = capture.compiled_forward(model)(state.capture_stats, ids, positions, key_valid, plan.fed_idx, kv)
+        else:
+            hidden = model.partial_forward(ids, positions, key_valid, fed_idx=plan.fed_idx, kv=kv,
+                                           layer_hook=strategy.layer_hook(),
+                                           want_attn_probs=strategy.wants_attention, extra_mask=extra_mask)
     state.forwards += 1
     state.full_positions += ids.numel()
     fed = ids.numel() if plan.fed_idx is None else (plan.fed_idx < state.length).sum() * (ids.shape[0] // state.batch)
     state.fed_positions = state.fed_positions + fed
-
-
-def _forward(state: DecodeState, strategy: caches.CacheStrategy, plan: caches.StepPlan,
-             decoder: Decoder) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the model eagerly on the plan's fed positions (both CFG halves when cfg_scale > 0).
-
-    Returns the hidden states of the fed positions and, when the decoder appends tokens (WINO's shadow block,
-    no cache), theirs separately.
-    """
-    ids, positions, key_valid, kv, extension = _forward_inputs(state, plan, decoder)
-    with record_function("dkvcache.forward"):  # scope for dkvcache.overhead's per-layer call counts
-        hidden = state.model.partial_forward(ids, positions, key_valid, fed_idx=plan.fed_idx, kv=kv,
-                                             layer_hook=strategy.layer_hook(), want_attn_probs=strategy.wants_attention,
-                                             extra_mask=None if extension is None else extension.extra_mask)
-    _count_forward(state, plan, ids)
     if extension is not None:
         return hidden[:, : state.length], hidden[:, state.length:]
     return hidden, None

@@ -4,8 +4,10 @@
     python examples/train_tiny.py --arch dream --out /tmp/tiny-dream                 # CPU budget, ~13-16 min
     python examples/train_tiny.py --arch dream --out assets/tiny-dream --device cuda --steps 7000   # the shipped
     python examples/train_tiny.py --task chain --arch llada --out /tmp/llada-stage1 --threads 1    # the shipped:
-    python examples/train_tiny.py --task chain --arch llada --out assets/tiny-llada-chain --threads 1 \
+    python examples/train_tiny.py --task chain --arch llada --out /tmp/llada-stage2 --threads 1 \
         --init /tmp/llada-stage1 --seed 100 --lr 5e-4 --warmup 200 --steps 4000                 # ... + stage 2
+    python examples/train_tiny.py --task chain --arch llada --out assets/tiny-llada-chain --threads 1 \
+        --init /tmp/llada-stage2 --seed 200 --lr 5e-4 --warmup 200 --steps 4000                 # ... + stage 3
     python examples/train_tiny.py --task chain --arch dream --out assets/tiny-dream-chain --threads 1 --ar-steps 1500
 
 ``--task``: ``arith`` (default; ``dkvcache.tasks.arith``) or ``chain`` (``dkvcache.tasks.chain``, state
@@ -13,10 +15,10 @@ tracking); the tokenizer keeps the task's words whole. ``--task chain`` defaults
 steps of 32 (``TASK_DEFAULTS``). Its CPU budget (the shipped chain checkpoints, seed 0; Dream with
 ``--ar-steps 1500``): 4000 steps x batch 32, 1 thread each, runs side by side on 2 shared cores, 1459 s (Dream)
 and 1473 s (LLaDA) of training (~0.25-0.4 s a step), then a 1-minute evaluation; held-out accuracy (vanilla,
-path scoring) 100 % for both. The LLaDA's stage 2 (``--init``: continue a checkpoint with a fresh optimizer)
-took 991 s more and made its yardstick ranking far more seed-independent. From scratch other seeds often stay
-on the loss plateau (LLaDA 2 of 5 seeds reached 90 %, Dream 1 of 4; AR-initialised Dream 2 of 2): see
-docs/accuracy.md.
+path scoring) 100 % for both. The LLaDA's stages 2 and 3 (``--init``: continue a checkpoint with a fresh
+optimizer) took 991 s and 1060 s more and made its yardstick ranking far more seed-independent. From scratch
+other seeds often stay on the loss plateau (LLaDA 2 of 5 seeds reached 90 %, Dream 1 of 4; AR-initialised Dream
+2 of 2): see docs/accuracy.md.
 
 Writes ``OUT/{config.json, generation_config.json, model.safetensors (bf16), tokenizer.json,
 tokenizer_config.json, train_log.jsonl}`` and prints the held-out accuracy of the saved checkpoint with vanilla

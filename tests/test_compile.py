@@ -74,6 +74,19 @@ def test_compiled_sampling_equals_eager_without_a_graph_per_step(models, aot_eag
     assert again.stats["compiled_shapes"] == 0
 
 
+def test_one_graph_per_shape_with_kv_buffers(aot_eager):
+    """dynamo compiles exactly the shapes the step asks for: nothing left on the K/V buffers between forwards
+    (once a cached scatter index) makes it compile a second graph for a shape it already has."""
+    model = tiny_dream(seed=13)  # fresh: no shape compiled yet
+    ids, mask = left_pad(PROMPTS)
+    decoded = dict(use_cache=True, cache_type="decoded", cache_steps=3)
+    for call in range(2):
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        out = _gen(model, ids, mask, compile=True, **decoded)
+        added = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+        assert added == out.stats["compiled_shapes"] and (added >= 3 if call == 0 else added == 0)
+
+
 @pytest.mark.parametrize("family", MODELS)
 def test_inductor_compiles_the_dual_step(models, family):
     """The real backend (inductor code generation) on one strategy per family: same tokens, compile time
