@@ -86,17 +86,15 @@ class KVBuffers:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.length = length
 
-    def update(self, layer: int, fed_idx: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
-               index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store fresh k/v (B, Hkv, n, D) at positions ``fed_idx`` (B, n) (``None``: all L positions, in order);
-        return every layer key/value (B, Hkv, L + 1, D) to attend over. ``index``: ``fed_idx`` expanded to
-        k's shape, when the caller already built it (once per forward, :meth:`ForwardContext.scatter_index`)."""
-        if fed_idx is None:
+    def update(self, layer: int, index: torch.Tensor | None, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store fresh k/v (B, Hkv, n, D) at the positions ``index`` (the fed positions expanded to k's shape,
+        :meth:`ForwardContext.scatter_index`; ``None``: all L positions, in order); return every layer
+        key/value (B, Hkv, L + 1, D) to attend over."""
+        if index is None:
             self.keys[layer][:, :, : self.length] = k
             self.values[layer][:, :, : self.length] = v
         else:
-            if index is None:
-                index = fed_idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
             self.keys[layer].scatter_(2, index, k)
             self.values[layer].scatter_(2, index, v)
         return self.keys[layer], self.values[layer]
@@ -235,7 +233,7 @@ def attention_sublayer(layer: nn.Module, normed: torch.Tensor, ctx: ForwardConte
     q = apply_rotary(q, cos, sin, layer.rotate_in_model_dtype)
     k = apply_rotary(k, cos, sin, layer.rotate_in_model_dtype)
     if ctx.kv is not None:
-        k, v = ctx.kv.update(index, ctx.fed_idx, k, v, ctx.scatter_index(k))
+        k, v = ctx.kv.update(index, ctx.scatter_index(k), k, v)
     mask = ctx.attn_mask(None if ctx.want_attn_probs else q.dtype)
     out, probs = attention(q, k, v, mask, ctx.want_attn_probs)
     if probs is not None:

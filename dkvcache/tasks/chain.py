@@ -27,8 +27,7 @@ Scoring: exact match of the written chain -- the first number of the completion 
 (start, then every move and state). The ``#### d`` summary line is not scored: under confidence (and entropy)
 ordering the first (from-scratch) tiny Dream committed that digit before it had written the path (from a
 shortcut it learned in training), which scored its vanilla decoding at ~21 % although its path was right on
-every item; the
-chain is what every strategy must get right, and a wrong state makes the path wrong.
+every item; the chain is what every strategy must get right, and a wrong state makes the path wrong.
 
 CLI (the same as the arith task's)::
 
