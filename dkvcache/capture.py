@@ -33,6 +33,20 @@ RECOMPILE_LIMIT = 256
 _NOTICED: set[str] = set()
 
 
+def mode(option: bool | str, device: torch.device) -> str | None:
+    """The capture a call's ``compile`` option asks for on ``device``: None (eager), "aot" (AOTInductor, see
+    :mod:`dkvcache.aot`; what ``True`` means on CPU) or "inductor" (``torch.compile`` per bucketed shape; CUDA
+    graphs on CUDA, what ``True`` means there)."""
+    if option is False:
+        return None
+    if option is True:
+        return "inductor" if device.type == "cuda" else "aot"
+    if option == "aot" and device.type != "cpu":
+        raise ValueError(f"diffusion_generate: compile='aot' runs on CPU; on {device.type} use compile=True "
+                         "(CUDA graphs) or compile='inductor'")
+    return option
+
+
 def blocker(strategy: Any, has_extension: bool, opts: Any) -> str | None:
     """Why this call's forward cannot be captured (None = it can)."""
     if strategy.layer_hook() is not None or strategy.wants_attention:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch.profiler import record_function
 from tqdm.auto import tqdm
 from transformers.utils import ModelOutput
 
-from dkvcache import caches, capture
+from dkvcache import aot, caches, capture
 from dkvcache.caches.base import StepOutcome
 from dkvcache.decoders import Decoder, StepView, make_decoder
 from dkvcache.density import certainty_prior
@@ -147,7 +148,9 @@ class GenerationSession:
         if generation_mask is not None and (not isinstance(generation_mask, torch.Tensor)
                                             or generation_mask.shape != (inputs.shape[0], opts.max_new_tokens)):
             raise ValueError("GenerationSession: generation_mask must be a (batch, max_new_tokens) tensor")
+        capture_mode = capture.mode(opts.compile, model.device)
         self.state = _build_state(model, family, opts, inputs, attention_mask, generation_mask)
+        self.state.capture_mode = capture_mode
         self.opts = opts
         self.history: list = []
         self.done = False
@@ -219,10 +222,13 @@ def _denoise_steps(state: DecodeState, strategy: caches.CacheStrategy, decoder: 
     if opts.generation_tokens_hook_func is not None:
         state.x = opts.generation_tokens_hook_func(None, state.x, None)
     strategy.begin(state)
-    if opts.compile:
+    if state.capture_mode is not None:
         state.capture_blocker = capture.blocker(strategy, type(decoder).extension is not Decoder.extension, opts)
         if state.capture_blocker is not None:
             capture.notice(state.capture_blocker)
+            state.capture_mode = None
+        elif state.capture_mode == "aot":
+            aot.aot_step(state.model).check_weights()
     bar = tqdm(total=None if opts.rule_decides else opts.steps, desc="denoising", unit="step", leave=False,
                disable=not opts.progress, dynamic_ncols=True)
     blocks = _blocks(state)
@@ -264,6 +270,17 @@ def _all_rows_ended(state: DecodeState, block_end: int) -> bool:
     return bool((region == state.opts.eos_token_id).any(dim=1).all())
 
 
+def _width(state: DecodeState, n: int, cap: int) -> int:
+    """The index width for ``n`` entries: exact when eager; a power-of-two bucket (≤ ``cap``) under
+    ``torch.compile``, which compiles per shape; at least ``aot.MIN_WIDTH`` for an AOT step, whose widths are
+    dynamic. Padding entries point at the scratch slot and never change a result."""
+    if state.capture_mode == "inductor":
+        return bucket(n, cap)
+    if state.capture_mode == "aot":
+        return max(n, aot.MIN_WIDTH)
+    return n
+
+
 def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder) -> bool:
     """One denoising step of the current block. Returns False when the block has nothing left to decode."""
     opts, length = state.opts, state.length
@@ -272,7 +289,7 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder) 
     candidates[:, state.block_end:] = False
     plan = strategy.plan(state)
     # The step's one host synchronisation: how many candidates (0 = the block is done) and fed positions the
-    # widest row has. Both widths are rounded up to a bucket, so the step only ever sees a few shapes.
+    # widest row has (under torch.compile rounded up to a bucket, so the step only ever sees a few shapes).
     cand_counts = candidates.sum(1)
     counts = [cand_counts.max()] + ([plan.fed_mask.sum(1).max()] if plan.fed_mask is not None else [])
     counts += [value.long() for value in plan.reads.values()]
@@ -283,29 +300,33 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder) 
         plan.read_values = dict(zip(plan.reads, widths[len(widths) - len(plan.reads):], strict=True))
         plan.refresh = bool(plan.read_values.get("refresh", plan.refresh))
         widths = widths[: len(widths) - len(plan.reads)]
-    cand_pos, cand_valid = fixed_indices(candidates, bucket(widths[0], state.block_end - state.block_start), length)
+    block_width = state.block_end - state.block_start
+    cand_pos, cand_valid = fixed_indices(candidates, _width(state, widths[0], block_width), length)
     if plan.fed_mask is not None:
-        plan.fed_idx = fixed_indices(plan.fed_mask, bucket(widths[1], length), length)[0]
+        plan.fed_idx = fixed_indices(plan.fed_mask, _width(state, widths[1], length), length)[0]
     state.refreshes += int(plan.refresh)
     source = cand_pos - 1 if state.family.shift_logits else cand_pos
     source = torch.where(cand_valid, source, length)
-    hidden, shadow = _forward(state, strategy, plan, decoder)
     offsets = (cand_pos - state.prompt_length).clamp(min=0)
-    full = None
-    if opts.full_logits or opts.generation_logits_hook_func or opts.generation_tokens_hook_func:
-        logits, full = _logits_everywhere(state, hidden, plan, cand_pos)
-        decodable = cand_valid  # a candidate whose source position was not fed this step has no prediction
-        if plan.fed_idx is not None:
-            decodable = cand_valid & (slots_of(plan.fed_idx, length).gather(1, source) >= 0)
-        x0, conf = propose(logits, offsets, state.row_seeds, state.noise_step, state.head_settings)
-    elif opts.compile and state.capture_blocker is None:
-        noise_step = torch.tensor(state.noise_step, device=cand_pos.device)  # data, so no recompile per step
-        logits, decodable, x0, conf = capture.compiled_head(state.model)(
-            state.capture_stats, hidden, plan.fed_idx, source, cand_valid, offsets, state.row_seeds, noise_step,
-            state.head_settings)
+    full = shadow = None
+    if state.capture_mode == "aot":
+        logits, decodable, x0, conf = _aot_forward_and_head(state, plan, decoder, source, cand_valid, offsets)
     else:
-        logits, decodable, x0, conf = step_head(state.model, hidden, plan.fed_idx, source, cand_valid, offsets,
-                                                state.row_seeds, state.noise_step, state.head_settings)
+        hidden, shadow = _forward(state, strategy, plan, decoder)
+        if opts.full_logits or opts.generation_logits_hook_func or opts.generation_tokens_hook_func:
+            logits, full = _logits_everywhere(state, hidden, plan, cand_pos)
+            decodable = cand_valid  # a candidate whose source position was not fed this step has no prediction
+            if plan.fed_idx is not None:
+                decodable = cand_valid & (slots_of(plan.fed_idx, length).gather(1, source) >= 0)
+            x0, conf = propose(logits, offsets, state.row_seeds, state.noise_step, state.head_settings)
+        elif state.capture_mode == "inductor":
+            noise_step = torch.tensor(state.noise_step, device=cand_pos.device)  # data, so no recompile per step
+            logits, decodable, x0, conf = capture.compiled_head(state.model)(
+                state.capture_stats, hidden, plan.fed_idx, source, cand_valid, offsets, state.row_seeds, noise_step,
+                state.head_settings)
+        else:
+            logits, decodable, x0, conf = step_head(state.model, hidden, plan.fed_idx, source, cand_valid, offsets,
+                                                    state.row_seeds, state.noise_step, state.head_settings)
     override = strategy.confidence(state, cand_pos)
     raw_conf = conf if override is None else override
     step = StepView(state, cand_pos, cand_valid, decodable, offsets, logits, x0, raw_conf, opts.banned_ids,
@@ -314,7 +335,7 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder) 
     step.score = certainty_prior(step.conf, ~state.masked()[:, state.prompt_length:], offsets, opts.sigma)
     transfer = decoder.choose(step, state.schedule.count(state.step_in_block, cand_counts))
 
-    x_before = state.x.clone()
+    x_before = state.x  # the write below makes a new tensor, so this stays the pre-step sequences
     new_tokens = scatter_rows(torch.where(transfer, x0, opts.mask_token_id), cand_pos, length, opts.mask_token_id)
     written = scatter_rows(transfer, cand_pos, length, False)
     state.x = torch.where(written, new_tokens, state.x)
@@ -325,14 +346,10 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder) 
     return True
 
 
-def _forward(state: DecodeState, strategy: caches.CacheStrategy, plan: caches.StepPlan,
-             decoder: Decoder) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the model on the plan's fed positions (both CFG halves when cfg_scale > 0).
-
-    Returns the hidden states of the fed positions and, when the decoder appends tokens (WINO's shadow block,
-    no cache), theirs separately.
-    """
-    model, opts = state.model, state.opts
+def _model_inputs(state: DecodeState, plan: caches.StepPlan, decoder: Decoder) -> tuple:
+    """(ids, positions, key_valid, extra_mask, extension, kv) of this step's forward: the sequence, extended by
+    the decoder's tokens (WINO's shadow block) and doubled for classifier-free guidance when asked."""
+    opts = state.opts
     ids, positions, key_valid = state.x, state.positions, state.key_valid
     extension = decoder.extension(state)
     extra_mask = None
@@ -350,22 +367,57 @@ def _forward(state: DecodeState, strategy: caches.CacheStrategy, plan: caches.St
     kv = None
     if plan.use_kv:
         if state.kv is None:
-            state.kv = model.allocate_kv(ids.shape[0], state.length)
+            state.kv = state.model.allocate_kv(ids.shape[0], state.length)
         kv = state.kv
-    with record_function("dkvcache.forward"):  # scope for dkvcache.overhead's per-layer call counts
-        if opts.compile and state.capture_blocker is None:
+    return ids, positions, key_valid, extra_mask, extension, kv
+
+
+def _forward_scope() -> Any:
+    """The profiler scope dkvcache.overhead counts per-layer calls in; a no-op when nothing is profiling."""
+    return record_function("dkvcache.forward") if torch.autograd._profiler_enabled() else nullcontext()
+
+
+def _count_forward(state: DecodeState, ids: torch.Tensor, plan: caches.StepPlan) -> None:
+    state.forwards += 1
+    state.full_positions += ids.numel()
+    if plan.fed_idx is None:
+        state.fed_full += ids.numel()
+    else:
+        state.fed_sets.append((plan.fed_idx, ids.shape[0] // state.batch))
+
+
+def _forward(state: DecodeState, strategy: caches.CacheStrategy, plan: caches.StepPlan,
+             decoder: Decoder) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the model on the plan's fed positions (both CFG halves when cfg_scale > 0).
+
+    Returns the hidden states of the fed positions and, when the decoder appends tokens (WINO's shadow block,
+    no cache), theirs separately.
+    """
+    model = state.model
+    ids, positions, key_valid, extra_mask, extension, kv = _model_inputs(state, plan, decoder)
+    with _forward_scope():
+        if state.capture_mode == "inductor":
             hidden = capture.compiled_forward(model)(state.capture_stats, ids, positions, key_valid, plan.fed_idx, kv)
         else:
             hidden = model.partial_forward(ids, positions, key_valid, fed_idx=plan.fed_idx, kv=kv,
                                            layer_hook=strategy.layer_hook(),
                                            want_attn_probs=strategy.wants_attention, extra_mask=extra_mask)
-    state.forwards += 1
-    state.full_positions += ids.numel()
-    fed = ids.numel() if plan.fed_idx is None else (plan.fed_idx < state.length).sum() * (ids.shape[0] // state.batch)
-    state.fed_positions = state.fed_positions + fed
+    _count_forward(state, ids, plan)
     if extension is not None:
         return hidden[:, : state.length], hidden[:, state.length:]
     return hidden, None
+
+
+def _aot_forward_and_head(state: DecodeState, plan: caches.StepPlan, decoder: Decoder, source: torch.Tensor,
+                          cand_valid: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """compile="aot": the forward and the head as one AOTInductor call (see :mod:`dkvcache.aot`)."""
+    ids, positions, key_valid, _, _, kv = _model_inputs(state, plan, decoder)
+    noise_step = torch.tensor(state.noise_step, device=ids.device)
+    with _forward_scope():
+        out = aot.aot_step(state.model)(state.capture_stats, ids, positions, key_valid, plan.fed_idx, kv, source,
+                                        cand_valid, offsets, state.row_seeds, noise_step, state.head_settings)
+    _count_forward(state, ids, plan)
+    return out
 
 
 def _logits_everywhere(state: DecodeState, hidden: torch.Tensor, plan: caches.StepPlan,
@@ -401,7 +453,7 @@ def _stats(state: DecodeState, strategy: caches.CacheStrategy, seconds: float) -
     tokens = response_lengths(state.x, state.prompt_length, state.opts.eos_token_id)
     total = int(tokens.sum())
     forwards = max(state.forwards, 1)
-    fed = int(state.fed_positions)
+    fed = state.fed_positions()
     return {
         "steps": state.global_step,
         "forwards": state.forwards,

@@ -12,6 +12,10 @@ import torch
 from dkvcache.sampling import ALGS, FACTOR_RULES, REMASKING_ALIASES
 from dkvcache.validate import check_bool, check_int, check_number, check_seed, fail
 
+# compile="aot": AOTInductor, one C++ call a step (CPU; what compile=True means there). compile="inductor":
+# torch.compile per bucketed shape (CUDA graphs on CUDA; what compile=True means there). See dkvcache.capture.
+COMPILE_MODES = ("aot", "inductor")
+
 
 @dataclass
 class GenerationOptions:
@@ -31,9 +35,11 @@ class GenerationOptions:
     no ``alg``, Dream uses ``"maskgit_plus"``. ``alg="confidence_threshold"`` (Fast-dLLM's Dream name) is
     ``alg="maskgit_plus"`` with ``threshold`` defaulting to 0.9.
     ``progress=True``: a tqdm bar over the denoising steps (off by default; the example scripts turn it on).
-    ``compile=True``: the model forward and head of each step compiled per shape (``torch.compile``; CUDA graphs on
-    CUDA); compile time is reported as ``stats["compile_s"]``. Strategies or decoders that cannot be captured
-    run eagerly with a one-line notice (see ``dkvcache.capture``).
+    ``compile=True``: the model forward and head of each step captured. On CPU that is ``"aot"``: both as one
+    AOTInductor package per call signature, run as one C++ call a step (``dkvcache.aot``); on CUDA
+    ``"inductor"``: ``torch.compile`` per bucketed shape under CUDA graphs. Either can be asked for by name.
+    Compile time is reported as ``stats["compile_s"]``. Strategies or decoders that cannot be captured run
+    eagerly with a one-line notice (see ``dkvcache.capture``).
     Certainty prior (d2Cache): ``sigma`` > 0 ranks masked positions by confidence × certainty density
     (``dkvcache.density``) instead of confidence alone; threshold/factor then compare that score. Small sigma
     decodes nearly left to right, a huge sigma is plain confidence decoding. None or 0 = off.
@@ -61,7 +67,7 @@ class GenerationOptions:
     threshold: float | None = None
     factor: float | None = None
     schedule_floor: bool = False
-    compile: bool = False
+    compile: bool | str = False
     progress: bool = False
     factor_rule: str = "paper"
     sigma: float | None = None
@@ -237,8 +243,10 @@ def _validate(opts: GenerationOptions) -> None:
         raise fail("factor_rule", opts.factor_rule, repr(list(FACTOR_RULES)))
     check_int("num_return_sequences", opts.num_return_sequences, 1)
     for name in ("logits_eos_inf", "confidence_eos_eot_inf", "output_history", "return_dict_in_generate",
-                 "eos_early_stop", "full_logits", "use_cache", "schedule_floor", "compile", "progress"):
+                 "eos_early_stop", "full_logits", "use_cache", "schedule_floor", "progress"):
         check_bool(name, getattr(opts, name))
+    if not isinstance(opts.compile, bool) and opts.compile not in COMPILE_MODES:
+        raise fail("compile", opts.compile, f"True, False or one of {list(COMPILE_MODES)}")
     if opts.mask_token_id is None:
         raise ValueError("diffusion_generate: mask_token_id is unknown; set it in the model config or pass it")
     check_int("mask_token_id", opts.mask_token_id, 0)

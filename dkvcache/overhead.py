@@ -3,7 +3,8 @@
     python -m dkvcache.overhead                       # the shipped tiny checkpoints, CPU
     python -m dkvcache.bench --overhead [--json F]    # the same
 
-For each checkpoint and strategy: ms per step eager and compiled (min of ``--repeats`` timed runs after a
+For each checkpoint and strategy: ms per step eager and compiled (``compile=True``: the AOT step on CPU; and
+``compile="inductor"``, torch.compile per shape, for comparison; min of ``--repeats`` timed runs after a
 warm-up; compile time reported apart), the compute floor (the step's matmuls and attention alone, see
 :func:`compute_floor_ms`; eager ÷ floor is the most any capture could gain, floor ÷ compiled how much of it
 ``compile=True`` reaches), aten calls per step (``torch.profiler``, views included) and per layer of
@@ -26,6 +27,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from dkvcache import capture
 from dkvcache.loading import load_model
 
 STRATEGIES: dict[str, dict[str, Any]] = {
@@ -151,6 +153,8 @@ def measure(model: Any, ids: torch.Tensor, strategy: str, gen: int, repeats: int
     eager = _min_time(run, repeats) / steps
     first = run(compile=True)  # compiles every new shape; its compile time is reported apart
     compiled = _min_time(lambda: run(compile=True), repeats) / steps
+    inductor_first = run(compile="inductor") if _default_mode(model) != "inductor" else first
+    inductor = _min_time(lambda: run(compile="inductor"), repeats) / steps
     with count_host_reads() as reads:
         run()
     total, inside = _aten_counts(run)
@@ -158,11 +162,18 @@ def measure(model: Any, ids: torch.Tensor, strategy: str, gen: int, repeats: int
     return {"strategy": strategy, "steps": steps, "eager_ms_per_step": 1000 * eager,
             "compiled_ms_per_step": 1000 * compiled, "compiled": first.stats["compiled"],
             "compile_s": first.stats["compile_s"], "compiled_shapes": first.stats["compiled_shapes"],
-            "speedup_compiled": eager / compiled, "floor_ms_per_step": floor,
+            "speedup_compiled": eager / compiled, "compile_mode": _default_mode(model),
+            "inductor_ms_per_step": 1000 * inductor, "inductor_compile_s": inductor_first.stats["compile_s"],
+            "speedup_inductor": eager / inductor, "floor_ms_per_step": floor,
             "max_speedup": 1000 * eager / floor, "efficiency_compiled": floor / (1000 * compiled),
             "aten_per_step": total / steps,
             "aten_per_layer": inside / (steps * layers), "host_reads_per_step": reads.count / steps,
             "fed_fraction": warm.stats["fed_fraction"]}
+
+
+def _default_mode(model: Any) -> str | None:
+    """What ``compile=True`` means for this model's device ("aot" on CPU)."""
+    return capture.mode(True, next(model.parameters()).device)
 
 
 def transformers_reference(model: Any, length: int) -> dict[str, Any]:
@@ -213,7 +224,8 @@ def run(paths: list[str], prompt: int, gen: int, repeats: int, threads: int) -> 
 
 def _row(r: dict[str, Any]) -> str:
     return (f"| {r['strategy']} | {r['eager_ms_per_step']:.2f} | {r['compiled_ms_per_step']:.2f}"
-            f"{'' if r['compiled'] else ' (eager)'} | {r['speedup_compiled']:.2f}× | {r['floor_ms_per_step']:.2f} | "
+            f"{'' if r['compiled'] else ' (eager)'} | {r['speedup_compiled']:.2f}× | "
+            f"{r['inductor_ms_per_step']:.2f} ({r['speedup_inductor']:.2f}×) | {r['floor_ms_per_step']:.2f} | "
             f"{r['max_speedup']:.2f}× | {r['efficiency_compiled']:.2f} | {r['compile_s']:.1f} | "
             f"{r['aten_per_step']:.0f} | {r['aten_per_layer']:.0f} | {r['host_reads_per_step']:.2f} | "
             f"{r['fed_fraction']:.3f} |")
@@ -221,8 +233,9 @@ def _row(r: dict[str, Any]) -> str:
 
 def _table(path: str, rows: list[dict[str, Any]], reference: dict[str, Any]) -> str:
     head = (f"\n{path}, batch 1:\n\n| strategy | eager ms/step | compiled ms/step | compiled speed-up | "
-            "floor ms/step | eager ÷ floor | floor ÷ compiled | compile s | aten calls/step | aten calls/layer | "
-            "host reads/step | fed |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "torch.compile ms/step | floor ms/step | eager ÷ floor | floor ÷ compiled | compile s | "
+            "aten calls/step | aten calls/layer | host reads/step | fed |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     ref = (f"\ntransformers {reference['name']} of the same size, one forward over the whole sequence: "
            f"{reference['ms_per_forward']:.2f} ms, {reference['aten_per_forward']} aten calls, "
            f"{reference['aten_per_layer']:.0f} per layer")

@@ -86,6 +86,13 @@ class KVBuffers:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.length = length
 
+    @classmethod
+    def wrap(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> KVBuffers:
+        """Buffers over existing per-layer tensors (B, Hkv, L + 1, D), not copied (a compiled step's inputs)."""
+        buffers = cls.__new__(cls)
+        buffers.keys, buffers.values, buffers.length = keys, values, keys[0].shape[2] - 1
+        return buffers
+
     def update(self, layer: int, index: torch.Tensor | None, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store fresh k/v (B, Hkv, n, D) at the positions ``index`` (the fed positions expanded to k's shape,

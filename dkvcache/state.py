@@ -42,9 +42,13 @@ class DecodeState:
     kv: KVBuffers | None = None
     forwards: int = 0
     full_positions: int = 0
-    fed_positions: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    # Positions fed per forward, summed only for the stats: (fed_idx, rows) per forward with a fed set (padding
+    # entries = L do not count), plus the plain count of full forwards. No per-step arithmetic on the hot path.
+    fed_sets: list = field(default_factory=list)
+    fed_full: int = 0
     refreshes: int = 0
     schedule: BlockSchedule | None = None  # the current block's transfer counts (set by the loop)
+    capture_mode: str | None = None  # None (eager), "aot" or "inductor" (see dkvcache.capture.mode)
     capture_blocker: str | None = None  # compile=True: why this call runs eagerly (None = captured)
     capture_stats: dict = field(default_factory=dict)  # compile time of new shapes, excluded from wall time
 
@@ -65,6 +69,13 @@ class DecodeState:
         """Noise coordinate of the step: (block, step in block), identical for a row in a batch and alone even
         when other rows take longer to finish a block (parallel decoding)."""
         return self.block_index * 1_000_003 + self.step_in_block
+
+    def fed_positions(self) -> int:
+        """Positions fed through the model so far, all forwards together (one host read)."""
+        if not self.fed_sets:
+            return self.fed_full
+        counts = torch.stack([(idx < self.length).sum() * rows for idx, rows in self.fed_sets])
+        return self.fed_full + int(counts.sum())
 
     def masked(self) -> torch.Tensor:
         """(B, L) bool: positions still holding the MASK token."""

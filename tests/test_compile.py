@@ -1,4 +1,5 @@
-"""compile=True and the static step: same tokens as eager, one graph per shape, at most one host read per step."""
+"""compile=True and the static step: same tokens as eager (AOT and torch.compile), one graph per shape or one AOT
+package per call signature, at most one host read per step."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from dkvcache import capture, overhead
+from dkvcache import aot, capture, overhead
 from dkvcache.indexing import bucket, fixed_indices, ragged_indices
 from tests.conftest import left_pad, random_prompts, tiny_dream, tiny_llada
 
@@ -34,8 +35,10 @@ def models():
 
 @pytest.fixture
 def aot_eager(monkeypatch):
-    """Graph capture without code generation: the same traced graph in a fraction of inductor's compile time."""
+    """Graph capture without code generation: the same traced graph in a fraction of inductor's compile time
+    (torch.compile: the aot_eager backend; compile="aot": the exported program run by torch, no C++ build)."""
     monkeypatch.setattr(capture, "BACKEND", "aot_eager")
+    monkeypatch.setattr(aot, "BACKEND", "export")
 
 
 def _gen(model, ids, mask=None, **kwargs):
@@ -44,31 +47,76 @@ def _gen(model, ids, mask=None, **kwargs):
     return model.diffusion_generate(ids, attention_mask=mask, **kwargs)
 
 
+@pytest.mark.parametrize("mode", ["aot", "inductor"])
 @pytest.mark.parametrize("family", MODELS)
 @pytest.mark.parametrize("strategy", CAPTURED)
-def test_compiled_equals_eager(models, aot_eager, family, strategy):
+def test_compiled_equals_eager(models, aot_eager, family, strategy, mode):
     """Every capturable strategy, left-padded batch, one token a step and under a threshold."""
     model = models[family]
     ids, mask = left_pad(PROMPTS)
     for extra in ({}, {"threshold": THRESHOLD[family]}):
         eager = _gen(model, ids, mask, **CAPTURED[strategy], **extra)
-        compiled = _gen(model, ids, mask, compile=True, **CAPTURED[strategy], **extra)
+        compiled = _gen(model, ids, mask, compile=mode, **CAPTURED[strategy], **extra)
         assert torch.equal(eager.sequences, compiled.sequences), extra
         assert compiled.stats["compiled"] and compiled.stats["forwards"] == eager.stats["forwards"]
+        assert compiled.stats["fed_positions"] == eager.stats["fed_positions"]  # padding entries never count
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_aot_builds_one_package_per_call_signature(models, aot_eager, family):
+    """compile=True on CPU is the AOT step: fed and candidate widths are dynamic, so a call builds one package
+    (a cached strategy's full forwards included), a second call with the same shapes and settings none, and a
+    strategy with the same signature reuses it; sampling noise is data."""
+    model = models[family]
+    object.__setattr__(model, "_dkvcache_aot", None)
+    ids, mask = left_pad(PROMPTS)
+    sampling = dict(temperature=0.8, top_p=0.9, seed=5)
+    eager = _gen(model, ids, mask, **sampling, **CAPTURED["dual"])
+    first = _gen(model, ids, mask, compile=True, **sampling, **CAPTURED["dual"])
+    again = _gen(model, ids, mask, compile=True, **sampling, **CAPTURED["decoded"])
+    assert torch.equal(eager.sequences, first.sequences)
+    assert torch.equal(_gen(model, ids, mask, **sampling, **CAPTURED["decoded"]).sequences, again.sequences)
+    assert first.stats["compiled_shapes"] == 1 and first.stats["compile_s"] > 0
+    assert again.stats["compiled_shapes"] == 0 and again.stats["compile_s"] == 0.0
+    assert _gen(model, ids, mask, compile=True, **sampling).stats["compiled_shapes"] == 1  # no K/V: its own
+
+
+def test_aot_packages_follow_the_weights(models, aot_eager):
+    """A package reads the model's parameters in place; replacing them drops the packages built on the old ones."""
+    model = tiny_dream(seed=14)
+    ids = PROMPTS[0][None]
+    _gen(model, ids, compile=True, **CAPTURED["dual"])
+    with torch.no_grad():
+        model.model.norm.weight = torch.nn.Parameter(model.model.norm.weight * 2)
+    rebuilt = _gen(model, ids, compile=True, **CAPTURED["dual"])
+    assert rebuilt.stats["compiled_shapes"] == 1
+    assert torch.equal(rebuilt.sequences, _gen(model, ids, **CAPTURED["dual"]).sequences)
+
+
+def test_compile_option_is_checked(models):
+    model = models["dream"]
+    with pytest.raises(ValueError, match=r"compile='fast' is invalid; allowed: True, False or one of \['aot'"):
+        _gen(model, PROMPTS[0][None], compile="fast")
+    with pytest.raises(ValueError, match="compile=1 is invalid"):
+        _gen(model, PROMPTS[0][None], compile=1)
+    assert capture.mode(True, torch.device("cpu")) == "aot" and capture.mode(False, torch.device("cpu")) is None
+    assert capture.mode(True, torch.device("cuda")) == "inductor"
+    with pytest.raises(ValueError, match="compile='aot' runs on CPU"):
+        capture.mode("aot", torch.device("cuda"))
 
 
 @pytest.mark.parametrize("family", MODELS)
 def test_compiled_sampling_equals_eager_without_a_graph_per_step(models, aot_eager, family):
-    """The step's head (logits at the candidates, proposals) is compiled too; under sampling its noise
-    coordinate is data, so the whole call compiles one graph per shape, and a second call none."""
+    """compile="inductor": the step's head (logits at the candidates, proposals) is compiled too; under sampling
+    its noise coordinate is data, so the whole call compiles one graph per shape, and a second call none."""
     model = models[family]
     ids, mask = left_pad(PROMPTS)
     sampling = dict(temperature=0.8, top_p=0.9, seed=5, use_cache=True, cache_type="dual")
     eager = _gen(model, ids, mask, **sampling)
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    first = _gen(model, ids, mask, compile=True, **sampling)
+    first = _gen(model, ids, mask, compile="inductor", **sampling)
     added = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
-    again = _gen(model, ids, mask, compile=True, **sampling)
+    again = _gen(model, ids, mask, compile="inductor", **sampling)
     assert torch.equal(eager.sequences, first.sequences) and torch.equal(eager.sequences, again.sequences)
     assert 2 <= added == first.stats["compiled_shapes"] < first.stats["steps"]  # forward + head shapes only
     assert again.stats["compiled_shapes"] == 0
@@ -83,20 +131,21 @@ def test_one_graph_per_shape_with_kv_buffers(aot_eager):
     decoded = dict(use_cache=True, cache_type="decoded", cache_steps=3)
     for call in range(2):
         before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        out = _gen(model, ids, mask, compile=True, **decoded)
+        out = _gen(model, ids, mask, compile="inductor", **decoded)
         added = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
         assert added == out.stats["compiled_shapes"] and (added >= 3 if call == 0 else added == 0)
 
 
+@pytest.mark.parametrize("mode", ["aot", "inductor"])
 @pytest.mark.parametrize("family", MODELS)
-def test_inductor_compiles_the_dual_step(models, family):
-    """The real backend (inductor code generation) on one strategy per family: same tokens, compile time
-    reported apart, and a second call reuses the compiled shapes."""
+def test_real_backends_compile_the_dual_step(models, family, mode):
+    """The real backends (AOTInductor's C++ package; inductor's code generation) on one strategy per family:
+    same tokens, compile time reported apart, and a second call reuses what was compiled."""
     model = models[family]
     ids = PROMPTS[0][None]
     eager = _gen(model, ids, **CAPTURED["dual"])
-    first = _gen(model, ids, compile=True, **CAPTURED["dual"])
-    again = _gen(model, ids, compile=True, **CAPTURED["dual"])
+    first = _gen(model, ids, compile=mode, **CAPTURED["dual"])
+    again = _gen(model, ids, compile=mode, **CAPTURED["dual"])
     assert torch.equal(eager.sequences, first.sequences) and torch.equal(eager.sequences, again.sequences)
     assert first.stats["compiled_shapes"] >= 1 and first.stats["compile_s"] > 0
     assert again.stats["compiled_shapes"] == 0 and again.stats["compile_s"] == 0.0
