@@ -13,11 +13,16 @@ one package, not one per shape. (Specialising the fed width measured no faster o
 fed as ``fed_idx = arange(L)``, which computes exactly what ``fed_idx=None`` does.
 
 The weights are not copied into a package: it reads the model's own parameters (``user_managed`` constants), so
-they stay shared and a large model is never written to disk. Packages live in memory with the model object.
+they stay shared and a large model is never written to disk. Packages live in memory with the model object and
+on disk in ``$DKVCACHE_CACHE/aot`` (default ``~/.cache/dkvcache/aot``; ``DKVCACHE_CACHE=off`` disables it), keyed
+by a hash of the exported program, the torch version and the CPU's vector ISA, so another process with the same
+model shapes and settings loads a package in about the time of the export (~1 s) instead of building it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -85,9 +90,11 @@ class AOTStep:
         runner = self.runners.get(signature)
         if runner is None:
             start = time.perf_counter()
-            runner = self.runners[signature] = self._build(args, settings, kv is not None)
+            runner, loaded = self._build(args, settings, kv is not None)
+            self.runners[signature] = runner
             stats["compile_s"] = stats.get("compile_s", 0.0) + time.perf_counter() - start
-            stats["compiled_shapes"] = stats.get("compiled_shapes", 0) + 1
+            counter = "loaded_packages" if loaded else "compiled_shapes"
+            stats[counter] = stats.get(counter, 0) + 1
         return runner(*args)
 
     def _build(self, args: tuple, settings: HeadSettings, with_kv: bool) -> Any:
@@ -98,18 +105,38 @@ class AOTStep:
         dynamic = (None, None, None, fed, kv_spec, kv_spec, {1: cand}, {1: cand}, {1: cand}, None, None)
         program = torch.export.export(graph, args, dynamic_shapes=dynamic, strict=False)
         if self.backend == "export":
-            return program.module()
-        if self._dir is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="dkvcache-aot-")
-        path = str(Path(self._dir.name) / f"step{len(self.runners)}.pt2")
-        with torch._inductor.config.patch({"aot_inductor.package_constants_in_so": False}):
-            path = torch._inductor.aoti_compile_and_package(program, package_path=path)
+            return program.module(), False
+        cached = _cache_path(program)
+        loaded = cached is not None and cached.exists()
+        if loaded:
+            path = str(cached)
+        else:
+            path = self._compile(program, cached)
         runner = torch._inductor.aoti_load_package(path)
         live = {**dict(graph.named_parameters(remove_duplicate=False)),
                 **dict(graph.named_buffers(remove_duplicate=False)), **program.constants}
         runner.load_constants({name: live[name] for name in runner.get_constant_fqns()}, check_full_update=True,
                               user_managed=True)
-        return _FlatCall(runner)
+        return _FlatCall(runner), loaded
+
+    def _compile(self, program: torch.export.ExportedProgram, cached: Path | None) -> str:
+        """Build the package; keep it in the disk cache when there is one (written whole, then renamed, so a
+        concurrent reader never sees half a file)."""
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="dkvcache-aot-")
+        path = str(Path(self._dir.name) / f"step{len(self.runners)}.pt2")
+        with torch._inductor.config.patch({"aot_inductor.package_constants_in_so": False}):
+            path = torch._inductor.aoti_compile_and_package(program, package_path=path)
+        if cached is None:
+            return path
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_bytes(Path(path).read_bytes())
+            os.replace(partial, cached)
+        except OSError:  # a read-only or full cache directory only costs the next process a rebuild
+            pass
+        return path
 
 
 class _FlatCall:
@@ -123,6 +150,28 @@ class _FlatCall:
     def __call__(self, ids, positions, key_valid, fed_idx, keys, values, *rest) -> list[torch.Tensor]:
         flat = [ids, positions, key_valid, *([] if fed_idx is None else [fed_idx]), *keys, *values, *rest]
         return self.loader.boxed_run(flat)
+
+
+def cache_dir() -> Path | None:
+    """Where built packages are kept between processes (None: ``DKVCACHE_CACHE=off``)."""
+    root = os.environ.get("DKVCACHE_CACHE")
+    if root == "off":
+        return None
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dkvcache"
+    return Path(root) / "aot"
+
+
+def _cache_path(program: torch.export.ExportedProgram) -> Path | None:
+    """The package file for this exported program: the printed program holds the graph, the shapes, dtypes and
+    dynamic ranges of every input and the constants' names; the weights' values are not in a package."""
+    root = cache_dir()
+    if root is None:
+        return None
+    from torch._inductor import cpu_vec_isa
+
+    key = "\n".join([str(program), torch.__version__, str(cpu_vec_isa.pick_vec_isa())])
+    return root / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt2"
 
 
 def _weights_key(model: nn.Module) -> tuple:

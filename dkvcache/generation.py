@@ -192,7 +192,7 @@ class GenerationSession:
         stats = _stats(state, self.strategy, self._seconds)
         if opts.compile:
             stats.update({"compiled": state.capture_blocker is None, "compile_s": 0.0, "compiled_shapes": 0,
-                          **state.capture_stats})
+                          "loaded_packages": 0, **state.capture_stats})
         stats.update(self.decoder.stats())
         if not opts.return_dict_in_generate:
             return state.x

@@ -18,6 +18,14 @@ MASK, PAD = 63, 62  # Dream: bos = eos = pad = 62; LLaDA: eos = pad = 62, its ow
 PARITY_DIR = Path(__file__).resolve().parents[2] / "shared" / "parity"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_aot_cache(tmp_path_factory):
+    """compile=True packages built by the tests go to a temporary directory, never the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DKVCACHE_CACHE", str(tmp_path_factory.mktemp("dkvcache-cache")))
+        yield
+
+
 def tiny_dream(layers: int = 2, seed: int = 0, kv_heads: int = 2) -> DreamModel:
     """A float64 Dream with GQA and a spread of logits large enough for well-separated confidences."""
     config = DreamConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,

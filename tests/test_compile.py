@@ -138,10 +138,12 @@ def test_one_graph_per_shape_with_kv_buffers(aot_eager):
 
 @pytest.mark.parametrize("mode", ["aot", "inductor"])
 @pytest.mark.parametrize("family", MODELS)
-def test_real_backends_compile_the_dual_step(models, family, mode):
+def test_real_backends_compile_the_dual_step(models, family, mode, tmp_path, monkeypatch):
     """The real backends (AOTInductor's C++ package; inductor's code generation) on one strategy per family:
     same tokens, compile time reported apart, and a second call reuses what was compiled."""
+    monkeypatch.setenv("DKVCACHE_CACHE", str(tmp_path))  # an empty package cache: this test builds
     model = models[family]
+    object.__setattr__(model, "_dkvcache_aot", None)
     ids = PROMPTS[0][None]
     eager = _gen(model, ids, **CAPTURED["dual"])
     first = _gen(model, ids, compile=mode, **CAPTURED["dual"])
@@ -149,6 +151,22 @@ def test_real_backends_compile_the_dual_step(models, family, mode):
     assert torch.equal(eager.sequences, first.sequences) and torch.equal(eager.sequences, again.sequences)
     assert first.stats["compiled_shapes"] >= 1 and first.stats["compile_s"] > 0
     assert again.stats["compiled_shapes"] == 0 and again.stats["compile_s"] == 0.0
+    if mode == "aot":  # another process (here: a fresh model object) loads the package from the disk cache
+        assert len(list((tmp_path / "aot").glob("*.pt2"))) == 1
+        object.__setattr__(model, "_dkvcache_aot", None)
+        loaded = _gen(model, ids, compile=mode, **CAPTURED["dual"])
+        assert loaded.stats["loaded_packages"] == 1 and loaded.stats["compiled_shapes"] == 0
+        assert torch.equal(eager.sequences, loaded.sequences)
+
+
+def test_aot_cache_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("DKVCACHE_CACHE", "off")
+    assert aot.cache_dir() is None
+    monkeypatch.setenv("DKVCACHE_CACHE", str(tmp_path))
+    assert aot.cache_dir() == tmp_path / "aot"
+    monkeypatch.delenv("DKVCACHE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert aot.cache_dir() == tmp_path / "xdg" / "dkvcache" / "aot"
 
 
 @pytest.mark.parametrize("strategy", EAGER_ONLY)
