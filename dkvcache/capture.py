@@ -8,6 +8,11 @@ call uses ``mode="reduce-overhead"`` (CUDA graphs). The step's head (``dkvcache.
 candidates, proposals and confidences) is a second compiled graph per shape. Compile/capture time is reported
 separately in ``stats`` (``compile_s``, ``compiled_shapes``), never mixed into the timed generation.
 
+On CUDA the K/V buffers a compiled forward writes into are marked as static addresses and kept on the model
+between calls (:func:`step_kv`): CUDA graphs replay over fixed memory, and ``torch.compile`` skips CUDA graphs for
+a graph that mutates an input that is not a static address (``torch/_inductor/cudagraph_utils.py``,
+``check_for_mutation``; transformers' ``StaticCache`` marks its buffers for the same reason).
+
 Not captured (eager, with a one-line notice): strategies that install a per-layer hook with data-dependent row
 sets or need attention probabilities (``dllm``: per-row recompute sets chosen inside each layer; ``d2``: the
 rollout's attention probabilities reduced in a layer hook), decoders that extend the input (``wino``), and calls
@@ -90,6 +95,44 @@ class Compiled:
         stats["compiled_shapes"] = stats.get("compiled_shapes", 0) + 1
         self.shapes.add(key)
         return out
+
+
+class _KVPool:
+    """One set of static-address K/V buffers per (batch, length) for a model, lent to one call at a time."""
+
+    def __init__(self) -> None:
+        self.free: dict[tuple[int, int], Any] = {}
+
+    def take(self, model: Any, batch: int, length: int) -> Any:
+        kv = self.free.pop((batch, length), None)
+        if kv is None:
+            kv = model.allocate_kv(batch, length)
+            for tensor in (*kv.keys, *kv.values):
+                torch._dynamo.mark_static_address(tensor)
+        else:  # nothing reads a position before a call writes it; zeroed anyway so no call sees another's data
+            for tensor in (*kv.keys, *kv.values):
+                tensor.zero_()
+        return kv
+
+    def give_back(self, kv: Any, batch: int, length: int) -> None:
+        self.free[(batch, length)] = kv
+
+
+def step_kv(model: Any, batch: int, length: int) -> Any:
+    """K/V buffers for a captured call on CUDA: static addresses, reused by the next call of the same shape once
+    this one has finished (a call still running — e.g. another interleaved session — gets its own set)."""
+    pool = getattr(model, "_dkvcache_kv_pool", None)
+    if pool is None:
+        pool = _KVPool()
+        object.__setattr__(model, "_dkvcache_kv_pool", pool)
+    return pool.take(model, batch, length)
+
+
+def release_kv(model: Any, kv: Any) -> None:
+    """A finished call's buffers from :func:`step_kv` go back to the model's pool."""
+    pool = getattr(model, "_dkvcache_kv_pool", None)
+    if pool is not None and kv is not None:
+        pool.give_back(kv, kv.keys[0].shape[0], kv.length)
 
 
 def _shape_key(arg: Any) -> Any:

@@ -179,6 +179,8 @@ class GenerationSession:
 
     def _finish(self) -> None:
         self.done = True
+        if _static_kv(self.state):
+            capture.release_kv(self.state.model, self.state.kv)
         if self.state.x.device.type == "cuda":
             torch.cuda.synchronize(self.state.x.device)
         elapsed = time.perf_counter() - self._start_time
@@ -367,7 +369,8 @@ def _model_inputs(state: DecodeState, plan: caches.StepPlan, decoder: Decoder) -
     kv = None
     if plan.use_kv:
         if state.kv is None:
-            state.kv = state.model.allocate_kv(ids.shape[0], state.length)
+            state.kv = (capture.step_kv(state.model, ids.shape[0], state.length) if _static_kv(state)
+                        else state.model.allocate_kv(ids.shape[0], state.length))
         kv = state.kv
     return ids, positions, key_valid, extra_mask, extension, kv
 
@@ -375,6 +378,11 @@ def _model_inputs(state: DecodeState, plan: caches.StepPlan, decoder: Decoder) -
 def _forward_scope() -> Any:
     """The profiler scope dkvcache.overhead counts per-layer calls in; a no-op when nothing is profiling."""
     return record_function("dkvcache.forward") if torch.autograd._profiler_enabled() else nullcontext()
+
+
+def _static_kv(state: DecodeState) -> bool:
+    """CUDA graphs (compile on CUDA) need the K/V buffers at fixed, static-marked addresses."""
+    return state.capture_mode == "inductor" and state.x.device.type == "cuda"
 
 
 def _count_forward(state: DecodeState, ids: torch.Tensor, plan: caches.StepPlan) -> None:

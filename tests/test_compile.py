@@ -159,6 +159,35 @@ def test_real_backends_compile_the_dual_step(models, family, mode, tmp_path, mon
         assert torch.equal(eager.sequences, loaded.sequences)
 
 
+def test_static_kv_pool(models):
+    """CUDA graphs need the K/V buffers at static addresses: one pooled set per (batch, length), marked static,
+    reused (zeroed) by the next call once the previous one gave it back; a call running meanwhile gets its own."""
+    model = tiny_dream(seed=15)
+    first = capture.step_kv(model, 2, 9)
+    assert all(t._dynamo_static_input_type == "unguarded" for t in (*first.keys, *first.values))
+    first.keys[0].fill_(1.0)
+    meanwhile = capture.step_kv(model, 2, 9)
+    assert meanwhile.keys[0].data_ptr() != first.keys[0].data_ptr()
+    capture.release_kv(model, first)
+    again = capture.step_kv(model, 2, 9)
+    assert again.keys[0].data_ptr() == first.keys[0].data_ptr() and not again.keys[0].any()
+    assert capture.step_kv(model, 1, 9).keys[0].shape[0] == 1  # another shape: another set
+
+
+def test_pooled_static_kv_gives_the_eager_tokens(models, aot_eager, monkeypatch):
+    """The CUDA path's K/V handling (static-marked, pooled, reused across calls) run on CPU under torch.compile."""
+    from dkvcache import generation
+
+    monkeypatch.setattr(generation, "_static_kv", lambda state: state.capture_mode == "inductor")
+    model = models["llada"]
+    ids, mask = left_pad(PROMPTS)
+    eager = _gen(model, ids, mask, **CAPTURED["decoded"])
+    for _ in range(2):
+        out = _gen(model, ids, mask, compile="inductor", **CAPTURED["decoded"])
+        assert torch.equal(eager.sequences, out.sequences)
+    assert len(model._dkvcache_kv_pool.free) == 1
+
+
 def test_aot_cache_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("DKVCACHE_CACHE", "off")
     assert aot.cache_dir() is None

@@ -39,3 +39,23 @@ def test_cuda_matches_cpu_in_float64():
     cpu = model.diffusion_generate(ids, attention_mask=mask, **common)
     gpu = model.to("cuda").diffusion_generate(ids.cuda(), attention_mask=mask.cuda(), **common).cpu()
     assert torch.equal(cpu, gpu)
+
+
+@pytest.mark.parametrize("builder", [tiny_dream, tiny_llada])
+@pytest.mark.parametrize("cache", [dict(use_cache=True, cache_type="dual"),
+                                   dict(use_cache=True, cache_type="decoded", cache_steps=2)])
+def test_compile_on_cuda_replays_cuda_graphs_with_the_eager_tokens(builder, cache):
+    """compile=True on CUDA is torch.compile under CUDA graphs: float64 tokens equal eager, no CUDA-graph skip
+    (the K/V buffers it writes are static addresses), and a second call reuses the pooled buffers."""
+    model = builder(layers=2).to("cuda")
+    ids, mask = left_pad(PROMPTS)
+    ids, mask = ids.cuda(), mask.cuda()
+    common = dict(max_new_tokens=8, steps=8, block_length=4, alg="maskgit_plus", return_dict_in_generate=True,
+                  **cache)
+    eager = model.diffusion_generate(ids, attention_mask=mask, **common)
+    skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    first = model.diffusion_generate(ids, attention_mask=mask, compile=True, **common)
+    again = model.diffusion_generate(ids, attention_mask=mask, compile=True, **common)
+    assert torch.equal(eager.sequences, first.sequences) and torch.equal(eager.sequences, again.sequences)
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == skips
+    assert again.stats["compiled_shapes"] == 0
