@@ -85,7 +85,13 @@ class AOTStep:
         if kv is not None and fed_idx is None:  # a full forward through the buffers: every position, in order
             fed_idx = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
         keys, values = (kv.keys, kv.values) if kv is not None else ([], [])
-        args = (ids, positions, key_valid, fed_idx, keys, values, source, cand_valid, offsets, row_seeds, noise_step)
+        # A package's kernels index its inputs with the strides they had when it was built, unchecked at run
+        # time: an expanded (stride-0) fed set, as prefix/dual plan it, would make every row read row 0's.
+        ids, positions, key_valid, source, cand_valid, offsets = (
+            t.contiguous() for t in (ids, positions, key_valid, source, cand_valid, offsets))
+        fed_idx = None if fed_idx is None else fed_idx.contiguous()
+        args = (ids, positions, key_valid, fed_idx, keys, values, source, cand_valid, offsets, row_seeds.contiguous(),
+                noise_step)
         signature = (tuple(ids.shape), ids.device, kv is not None, settings)
         runner = self.runners.get(signature)
         if runner is None:
@@ -106,7 +112,7 @@ class AOTStep:
         program = torch.export.export(graph, args, dynamic_shapes=dynamic, strict=False)
         if self.backend == "export":
             return program.module(), False
-        cached = _cache_path(program)
+        cached = _cache_path(program, args)
         loaded = cached is not None and cached.exists()
         if loaded:
             path = str(cached)
@@ -162,15 +168,18 @@ def cache_dir() -> Path | None:
     return Path(root) / "aot"
 
 
-def _cache_path(program: torch.export.ExportedProgram) -> Path | None:
+def _cache_path(program: torch.export.ExportedProgram, args: tuple) -> Path | None:
     """The package file for this exported program: the printed program holds the graph, the shapes, dtypes and
-    dynamic ranges of every input and the constants' names; the weights' values are not in a package."""
+    dynamic ranges of every input and the constants' names (the weights' values are not in a package); the
+    inputs' strides, which the kernels are specialised to, are added."""
     root = cache_dir()
     if root is None:
         return None
     from torch._inductor import cpu_vec_isa
 
-    key = "\n".join([str(program), torch.__version__, str(cpu_vec_isa.pick_vec_isa())])
+    flat = [t for arg in args for t in (arg if isinstance(arg, list) else [arg]) if isinstance(t, torch.Tensor)]
+    strides = str([t.stride() for t in flat])
+    key = "\n".join([str(program), strides, torch.__version__, str(cpu_vec_isa.pick_vec_isa())])
     return root / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt2"
 
 

@@ -44,6 +44,7 @@ held-out items).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -200,6 +201,39 @@ def load_init(path: str, arch: str, tokenizer):
     return cls.from_pretrained(path, dtype=torch.float32)
 
 
+# The projections that write a block's output into the residual stream: zeroed, a new block is the identity.
+OUTPUT_PROJECTIONS = {"llada": ("attn_out", "ff_out"), "dream": ("self_attn.o_proj", "mlp.down_proj")}
+LAYER_COUNT = {"llada": "n_layers", "dream": "num_hidden_layers"}
+
+
+def grow_layers(model, arch: str, extra: int):
+    """``model`` deepened by ``extra`` blocks, one inserted after each of its first ``extra`` blocks and
+    initialised as the identity (random weights, zero output projections): the grown model computes exactly
+    what ``model`` did, and training goes on from there (depth up-scaling)."""
+    old = model._layers()
+    if not 0 < extra <= len(old):
+        raise SystemExit(f"--grow-layers must be in [1, {len(old)}] for a {len(old)}-layer --init, got {extra}")
+    config = copy.deepcopy(model.config)
+    setattr(config, LAYER_COUNT[arch], len(old) + extra)
+    if arch == "dream":
+        config.max_window_layers = len(old) + extra
+    grown = make_model(arch, config).to(next(model.parameters()).dtype)
+    order = [source for i in range(len(old)) for source in ([i, None] if i < extra else [i])]
+    in_layers = {id(p) for p in grown._layers().parameters()}
+    old_params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, param in grown.named_parameters():
+            if id(param) not in in_layers:
+                param.copy_(old_params[name])
+        for block, source in zip(grown._layers(), order, strict=True):
+            if source is not None:
+                block.load_state_dict(old[source].state_dict())
+            else:
+                for name in OUTPUT_PROJECTIONS[arch]:
+                    block.get_submodule(name).weight.zero_()
+    return grown
+
+
 def generation_config(arch: str, config, gen_length: int = arith.GEN_LENGTH) -> dict:
     if arch == "dream":
         return {"alg": "entropy", "alg_temp": None, "bos_token_id": config.bos_token_id,
@@ -324,6 +358,9 @@ def parse_args(argv=None):
     ap.add_argument("--init", default=None,
                     help="continue from this checkpoint directory (same --arch and --task; its config replaces "
                          "--hidden/--layers/...; a fresh optimizer and LR schedule; pick a new --seed for new data)")
+    ap.add_argument("--grow-layers", type=int, default=0,
+                    help="with --init: insert this many identity-initialised blocks (one after each of the first "
+                         "N blocks) before training on")
     ap.add_argument("--min-lr-ratio", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.01)
@@ -350,6 +387,8 @@ def parse_args(argv=None):
         ap.error("--ar-steps needs --arch dream (LLaDA predicts token j from position j: no AR layout)")
     if args.init is not None and not os.path.isfile(os.path.join(args.init, "config.json")):
         ap.error(f"--init must be a checkpoint directory with a config.json, got {args.init!r}")
+    if args.grow_layers and args.init is None:
+        ap.error("--grow-layers deepens the --init checkpoint; pass --init")
     if not 0 <= args.ar_steps < args.steps:
         ap.error(f"--ar-steps must be in [0, --steps={args.steps}), got {args.ar_steps}")
     return args
@@ -375,7 +414,10 @@ def train(args) -> dict:
     task = TASKS[args.task]
     tokenizer = build_tokenizer(args.arch, task)
     if args.init is not None:
-        model = load_init(args.init, args.arch, tokenizer).to(args.device)
+        model = load_init(args.init, args.arch, tokenizer)
+        if args.grow_layers:
+            model = grow_layers(model, args.arch, args.grow_layers)
+        model = model.to(args.device)
         config = model.config
     else:
         config = make_config(args.arch, tokenizer, args)

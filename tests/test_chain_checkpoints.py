@@ -120,3 +120,30 @@ def test_train_script_takes_the_chain_task(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):  # a Dream --init of a LLaDA checkpoint is refused
         train_tiny.main(["--task", "chain", "--arch", "dream", "--out", str(tmp_path / "x"), "--init",
                          str(tmp_path), "--steps", "1", "--no-eval", "--threads", "1"])
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_grow_layers_starts_as_the_same_function(arch: str) -> None:
+    """``--grow-layers N``: N identity blocks interleaved after the first N; the grown model's logits equal the
+    original's before any training, and the new blocks are really new (zero output projections)."""
+    import importlib.util
+
+    from tests.conftest import tiny_dream, tiny_llada
+
+    spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "examples" / "train_tiny.py")
+    train_tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_tiny)
+    model = (tiny_llada if arch == "llada" else tiny_dream)(layers=3, seed=3)
+    grown = train_tiny.grow_layers(model, arch, 2)
+    ids = torch.randint(0, 60, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert len(grown._layers()) == 5
+        assert torch.allclose(model(ids).logits, grown(ids).logits, rtol=0, atol=1e-12)
+    new_block = grown._layers()[1]
+    assert all(not new_block.get_submodule(n).weight.any() for n in train_tiny.OUTPUT_PROJECTIONS[arch])
+    assert torch.equal(grown._layers()[2].state_dict()[next(iter(model._layers()[1].state_dict()))],
+                       next(iter(model._layers()[1].state_dict().values())))
+    with pytest.raises(SystemExit):
+        train_tiny.grow_layers(model, arch, 4)  # more than one new block per old one
+    with pytest.raises(SystemExit):
+        train_tiny.parse_args(["--arch", arch, "--out", "x", "--grow-layers", "2"])  # needs --init

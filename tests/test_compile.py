@@ -144,19 +144,26 @@ def test_real_backends_compile_the_dual_step(models, family, mode, tmp_path, mon
     monkeypatch.setenv("DKVCACHE_CACHE", str(tmp_path))  # an empty package cache: this test builds
     model = models[family]
     object.__setattr__(model, "_dkvcache_aot", None)
-    ids = PROMPTS[0][None]
-    eager = _gen(model, ids, **CAPTURED["dual"])
-    first = _gen(model, ids, compile=mode, **CAPTURED["dual"])
-    again = _gen(model, ids, compile=mode, **CAPTURED["dual"])
+    ids, mask = left_pad(PROMPTS)  # a padded batch: rows must not read each other's fed set (strides)
+    eager = _gen(model, ids, mask, **CAPTURED["dual"])
+    first = _gen(model, ids, mask, compile=mode, **CAPTURED["dual"])
+    again = _gen(model, ids, mask, compile=mode, **CAPTURED["dual"])
     assert torch.equal(eager.sequences, first.sequences) and torch.equal(eager.sequences, again.sequences)
     assert first.stats["compiled_shapes"] >= 1 and first.stats["compile_s"] > 0
     assert again.stats["compiled_shapes"] == 0 and again.stats["compile_s"] == 0.0
     if mode == "aot":  # another process (here: a fresh model object) loads the package from the disk cache
         assert len(list((tmp_path / "aot").glob("*.pt2"))) == 1
         object.__setattr__(model, "_dkvcache_aot", None)
-        loaded = _gen(model, ids, compile=mode, **CAPTURED["dual"])
+        loaded = _gen(model, ids, mask, compile=mode, **CAPTURED["dual"])
         assert loaded.stats["loaded_packages"] == 1 and loaded.stats["compiled_shapes"] == 0
         assert torch.equal(eager.sequences, loaded.sequences)
+        # The same package with a ragged fed set that differs between rows (decoded, one 12-token block): it
+        # was built from a stride-0 (expanded) fed set, and rows once read row 0's indices.
+        single_block = dict(max_new_tokens=12, steps=12, alg="maskgit_plus", **CAPTURED["decoded"])
+        eager = model.diffusion_generate(ids, attention_mask=mask, **single_block)
+        compiled = model.diffusion_generate(ids, attention_mask=mask, compile=mode, return_dict_in_generate=True,
+                                            **single_block)
+        assert torch.equal(eager, compiled.sequences) and compiled.stats["compiled_shapes"] == 0
 
 
 def test_static_kv_pool(models):
