@@ -164,6 +164,12 @@ def test_real_backends_compile_the_dual_step(models, family, mode, tmp_path, mon
         compiled = model.diffusion_generate(ids, attention_mask=mask, compile=mode, return_dict_in_generate=True,
                                             **single_block)
         assert torch.equal(eager, compiled.sequences) and compiled.stats["compiled_shapes"] == 0
+        for strategy in ("decoded", "prefill", "pd", "prefix"):  # every K/V strategy shares the package
+            for extra in ({}, {"threshold": THRESHOLD[family]}):
+                compiled = _gen(model, ids, mask, compile=mode, **CAPTURED[strategy], **extra)
+                assert torch.equal(_gen(model, ids, mask, **CAPTURED[strategy], **extra).sequences,
+                                   compiled.sequences), (strategy, extra)
+                assert compiled.stats["compiled_shapes"] == 0
 
 
 def test_static_kv_pool(models):
