@@ -188,8 +188,9 @@ def main_loop(cls: Any, args: argparse.Namespace, kwargs: dict[str, Any], label:
     print()
     report(label, totals)
     if args.compare:
-        base = run(model, tokenizer, device, prompts, args, plain, "no cache", show=False, answers=answers)
-        report("no cache", base)
+        plain_label = "no cache" + (", compiled" if args.compile else "")
+        base = run(model, tokenizer, device, prompts, args, plain, plain_label, show=False, answers=answers)
+        report(plain_label, base)
         print(f"speed-up of {label} vs no cache: {base['seconds'] / max(totals['seconds'], 1e-9):.2f}x "
               "(same prompts, same process)")
     print(f"peak memory: {peak_memory(device)}")
