@@ -96,7 +96,14 @@ class AOTStep:
         runner = self.runners.get(signature)
         if runner is None:
             start = time.perf_counter()
-            runner, loaded = self._build(args, settings, kv is not None)
+            try:
+                runner, loaded = self._build(args, settings, kv is not None)
+            except Exception as error:  # inductor raises several types (compiler missing, codegen, export)
+                first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                raise RuntimeError(
+                    f"diffusion_generate(compile=True): building the AOT step failed ({type(error).__name__}: "
+                    f"{first[:300]}). On CPU it is compiled to C++ and needs a C++ compiler (g++ or clang); "
+                    "compile=False runs the same step eagerly") from error
             self.runners[signature] = runner
             stats["compile_s"] = stats.get("compile_s", 0.0) + time.perf_counter() - start
             counter = "loaded_packages" if loaded else "compiled_shapes"
@@ -151,9 +158,12 @@ class _FlatCall:
     fixed structure (tensors, an optional fed set, two lists), so their flat order is known."""
 
     def __init__(self, runner: Any) -> None:
-        self.loader = runner.loader
+        self.runner = runner
+        self.loader = getattr(runner, "loader", None)  # torch's loader; if a release renames it, the slow path
 
     def __call__(self, ids, positions, key_valid, fed_idx, keys, values, *rest) -> list[torch.Tensor]:
+        if self.loader is None:
+            return self.runner(ids, positions, key_valid, fed_idx, keys, values, *rest)
         flat = [ids, positions, key_valid, *([] if fed_idx is None else [fed_idx]), *keys, *values, *rest]
         return self.loader.boxed_run(flat)
 

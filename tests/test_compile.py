@@ -201,6 +201,32 @@ def test_pooled_static_kv_gives_the_eager_tokens(models, aot_eager, monkeypatch)
     assert len(model._dkvcache_kv_pool.free) == 1
 
 
+def test_aot_build_failure_says_what_is_needed(monkeypatch, tmp_path):
+    """No C++ compiler (or any build error): a RuntimeError that names the cause and the way out."""
+    monkeypatch.setenv("DKVCACHE_CACHE", str(tmp_path))
+
+    def no_compiler(*args, **kwargs):
+        raise FileNotFoundError("g++: not found")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
+    model = tiny_dream(seed=16)
+    with pytest.raises(RuntimeError, match=r"building the AOT step failed \(FileNotFoundError: g\+\+: not found\)"
+                                           r".*needs a C\+\+ compiler.*compile=False"):
+        _gen(model, PROMPTS[0][None], compile=True, **CAPTURED["dual"])
+
+
+def test_flat_call_without_torch_loader_uses_the_runner():
+    calls = []
+
+    class Runner:  # a loaded package without the ``loader`` attribute the fast path uses
+        def __call__(self, *args):
+            calls.append(args)
+            return ["out"]
+
+    assert aot._FlatCall(Runner())("ids", "pos", "valid", None, [], [], "source") == ["out"]
+    assert calls == [("ids", "pos", "valid", None, [], [], "source")]
+
+
 def test_aot_cache_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("DKVCACHE_CACHE", "off")
     assert aot.cache_dir() is None
