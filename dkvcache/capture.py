@@ -1,4 +1,6 @@
-"""``diffusion_generate(..., compile=True)``: the model forward and the head of every step compiled per shape.
+"""``compile="inductor"`` (what ``compile=True`` means on CUDA): the model forward and the head of every step
+compiled per shape with ``torch.compile``; also where ``compile`` is resolved and uncapturable calls are named.
+(On CPU ``compile=True`` is the AOT step, :mod:`dkvcache.aot`.)
 
 The step's shapes are static by construction: the fed set is a fixed-width index tensor whose width is a bucket
 (``dkvcache.indexing.bucket``) or known in advance (prefix/dual), and the K/V buffers are preallocated. So the

@@ -390,8 +390,8 @@ def _count_forward(state: DecodeState, ids: torch.Tensor, plan: caches.StepPlan)
     state.full_positions += ids.numel()
     if plan.fed_idx is None:
         state.fed_full += ids.numel()
-    else:
-        state.fed_sets.append((plan.fed_idx, ids.shape[0] // state.batch))
+    else:  # padding entries (= L) are not fed positions; both CFG halves feed the set
+        state.fed_counts.append((plan.fed_idx < state.length).sum() * (ids.shape[0] // state.batch))
 
 
 def _forward(state: DecodeState, strategy: caches.CacheStrategy, plan: caches.StepPlan,

@@ -42,9 +42,9 @@ class DecodeState:
     kv: KVBuffers | None = None
     forwards: int = 0
     full_positions: int = 0
-    # Positions fed per forward, summed only for the stats: (fed_idx, rows) per forward with a fed set (padding
-    # entries = L do not count), plus the plain count of full forwards. No per-step arithmetic on the hot path.
-    fed_sets: list = field(default_factory=list)
+    # Positions fed, for the stats: a 0-d count per forward with a fed set (read once, at the end: no host sync
+    # per step, and no fed set kept alive), plus the plain count of full forwards.
+    fed_counts: list = field(default_factory=list)
     fed_full: int = 0
     refreshes: int = 0
     schedule: BlockSchedule | None = None  # the current block's transfer counts (set by the loop)
@@ -72,10 +72,9 @@ class DecodeState:
 
     def fed_positions(self) -> int:
         """Positions fed through the model so far, all forwards together (one host read)."""
-        if not self.fed_sets:
+        if not self.fed_counts:
             return self.fed_full
-        counts = torch.stack([(idx < self.length).sum() * rows for idx, rows in self.fed_sets])
-        return self.fed_full + int(counts.sum())
+        return self.fed_full + int(torch.stack(self.fed_counts).sum())
 
     def masked(self) -> torch.Tensor:
         """(B, L) bool: positions still holding the MASK token."""
