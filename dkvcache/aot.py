@@ -6,11 +6,12 @@ runs Python around its kernels (dynamo's guard check, inductor's wrapper, the ru
 the shipped tiny checkpoints that is as long as the kernels themselves. An AOTInductor package has no Python
 between kernels — the CPU counterpart of replaying a CUDA graph.
 
-One package per (batch, length, K/V buffers or not, head settings): the fed width ``n`` and the candidate width
-``m`` are dynamic dimensions (at least 2: the loop pads narrower sets with scratch entries), so a call builds
-one package, not one per shape. (Specialising the fed width measured no faster over a whole step: dual 2.04 vs
-2.11 ms, decoded 2.60 vs 2.40 with its bucketed widths, for 2–5 packages.) A full forward with K/V buffers is
-fed as ``fed_idx = arange(L)``, which computes exactly what ``fed_idx=None`` does.
+One package per (batch, length, K/V buffers or not, head settings, commit settings): the fed width ``n`` and
+the candidate width ``m`` are dynamic dimensions (at least 2: the loop pads narrower sets with scratch entries),
+so a call builds one package, not one per shape. (Specialising the fed width measured no faster over a whole
+step: dual 2.04 vs 2.11 ms, decoded 2.60 vs 2.40 with its bucketed widths, for 2–5 packages.) With the plain
+vanilla rule the package also chooses and writes the step's tokens (:mod:`dkvcache.commit`). A full forward
+with K/V buffers is fed as ``fed_idx = arange(L)``, which computes exactly what ``fed_idx=None`` does.
 
 The weights are not copied into a package: it reads the model's own parameters (``user_managed`` constants), so
 they stay shared and a large model is never written to disk. Packages live in memory with the model object and
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dkvcache.commit import CommitSettings, step_head_and_commit
 from dkvcache.head import HeadSettings, step_head
 from dkvcache.partial_forward import KVBuffers
 
@@ -41,22 +43,31 @@ MIN_WIDTH = 2  # torch.export specialises dimensions of size 0 and 1, so a dynam
 
 
 class StepGraph(nn.Module):
-    """Forward over the fed positions, then the head at the candidates: what one AOT package computes."""
+    """Forward over the fed positions, then the head at the candidates: what one AOT package computes. With
+    :class:`CommitSettings` it also chooses and writes (:func:`dkvcache.commit.commit`), taking the candidates'
+    positions, the schedule's count and the threshold/factor value as three more inputs."""
 
-    def __init__(self, model: nn.Module, settings: HeadSettings, with_kv: bool) -> None:
+    def __init__(self, model: nn.Module, settings: HeadSettings, with_kv: bool,
+                 commit_settings: CommitSettings | None = None) -> None:
         super().__init__()
         self.model = model  # a submodule, so export lifts the weights as named parameters
         self.settings = settings
         self.with_kv = with_kv
+        self.commit_settings = commit_settings
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
                 fed_idx: torch.Tensor | None, keys: list[torch.Tensor], values: list[torch.Tensor],
                 source: torch.Tensor, cand_valid: torch.Tensor, offsets: torch.Tensor, row_seeds: torch.Tensor,
-                noise_step: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                noise_step: torch.Tensor, cand_pos: torch.Tensor | None = None, count: torch.Tensor | None = None,
+                rule_value: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         kv = KVBuffers.wrap(keys, values) if self.with_kv else None
         hidden = self.model.partial_forward(ids, positions, key_valid, fed_idx=fed_idx, kv=kv)
-        return step_head(self.model, hidden, fed_idx, source, cand_valid, offsets, row_seeds, noise_step,
-                         self.settings)
+        if self.commit_settings is None:
+            return step_head(self.model, hidden, fed_idx, source, cand_valid, offsets, row_seeds, noise_step,
+                             self.settings)
+        x = ids[: self.settings.batch]  # the sequences (classifier-free guidance appends the unconditional half)
+        return step_head_and_commit(self.model, hidden, fed_idx, source, cand_valid, offsets, row_seeds, noise_step,
+                                    self.settings, x, cand_pos, count, rule_value, self.commit_settings)
 
 
 class AOTStep:
@@ -80,8 +91,12 @@ class AOTStep:
     def __call__(self, stats: dict, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
                  fed_idx: torch.Tensor | None, kv: KVBuffers | None, source: torch.Tensor, cand_valid: torch.Tensor,
                  offsets: torch.Tensor, row_seeds: torch.Tensor, noise_step: torch.Tensor,
-                 settings: HeadSettings) -> tuple[torch.Tensor, ...]:
-        """(logits, decodable, proposals, confidences) of the candidates, K/V buffers updated in place."""
+                 settings: HeadSettings, commit_settings: CommitSettings | None = None,
+                 cand_pos: torch.Tensor | None = None, count: torch.Tensor | None = None,
+                 rule_value: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """(logits, decodable, proposals, confidences) of the candidates, K/V buffers updated in place; with
+        ``commit_settings`` (and ``cand_pos``, ``count``, ``rule_value``): (new sequences, transfer,
+        confidences)."""
         if kv is not None and fed_idx is None:  # a full forward through the buffers: every position, in order
             fed_idx = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
         keys, values = (kv.keys, kv.values) if kv is not None else ([], [])
@@ -92,12 +107,14 @@ class AOTStep:
         fed_idx = None if fed_idx is None else fed_idx.contiguous()
         args = (ids, positions, key_valid, fed_idx, keys, values, source, cand_valid, offsets, row_seeds.contiguous(),
                 noise_step)
-        signature = (tuple(ids.shape), ids.device, kv is not None, settings)
+        if commit_settings is not None:
+            args += (cand_pos.contiguous(), count.contiguous(), rule_value)
+        signature = (tuple(ids.shape), ids.device, kv is not None, settings, commit_settings)
         runner = self.runners.get(signature)
         if runner is None:
             start = time.perf_counter()
             try:
-                runner, loaded = self._build(args, settings, kv is not None)
+                runner, loaded = self._build(args, settings, kv is not None, commit_settings)
             except Exception as error:  # inductor raises several types (compiler missing, codegen, export)
                 first = str(error).strip().splitlines()[0] if str(error).strip() else ""
                 raise RuntimeError(
@@ -110,12 +127,15 @@ class AOTStep:
             stats[counter] = stats.get(counter, 0) + 1
         return runner(*args)
 
-    def _build(self, args: tuple, settings: HeadSettings, with_kv: bool) -> Any:
-        graph = StepGraph(self.model, settings, with_kv)
+    def _build(self, args: tuple, settings: HeadSettings, with_kv: bool,
+               commit_settings: CommitSettings | None) -> Any:
+        graph = StepGraph(self.model, settings, with_kv, commit_settings)
         cand = torch.export.Dim("candidates", min=MIN_WIDTH, max=args[0].shape[1])
         fed = {1: torch.export.Dim("fed", min=MIN_WIDTH, max=args[0].shape[1])} if args[3] is not None else None
         kv_spec = [None] * len(args[4])
         dynamic = (None, None, None, fed, kv_spec, kv_spec, {1: cand}, {1: cand}, {1: cand}, None, None)
+        if commit_settings is not None:
+            dynamic += ({1: cand}, None, None)
         program = torch.export.export(graph, args, dynamic_shapes=dynamic, strict=False)
         if self.backend == "export":
             return program.module(), False

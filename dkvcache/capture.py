@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from dkvcache.commit import CommitSettings, step_head_and_commit
 from dkvcache.head import HeadSettings, step_head
 
 # The torch.compile backend; tests may switch it to "aot_eager" (same graph capture, no code generation).
@@ -141,7 +142,7 @@ def _shape_key(arg: Any) -> Any:
     """What makes a new graph: tensor shapes and the call's settings (K/V buffers follow from the shapes)."""
     if isinstance(arg, torch.Tensor):
         return tuple(arg.shape)
-    if arg is None or isinstance(arg, HeadSettings):
+    if arg is None or isinstance(arg, (HeadSettings, CommitSettings)):
         return arg
     return type(arg).__name__
 
@@ -167,3 +168,11 @@ def compiled_head(model: Any) -> Compiled:
     device = next(model.parameters()).device
     return _cached(model, "_dkvcache_compiled_head",
                    lambda: Compiled(functools.partial(step_head, model), device, cuda_graphs=False))
+
+
+def compiled_head_and_commit(model: Any) -> Compiled:
+    """:func:`dkvcache.commit.step_head_and_commit` for this model compiled: the head, the vanilla choice and the
+    write as one graph (the plain vanilla rule's step ends there)."""
+    device = next(model.parameters()).device
+    return _cached(model, "_dkvcache_compiled_commit",
+                   lambda: Compiled(functools.partial(step_head_and_commit, model), device, cuda_graphs=False))

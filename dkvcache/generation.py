@@ -21,10 +21,11 @@ from transformers.utils import ModelOutput
 
 from dkvcache import aot, caches, capture
 from dkvcache.caches.base import StepOutcome
+from dkvcache.commit import CommitSettings, rule_value, write_tokens
 from dkvcache.decoders import Decoder, StepView, make_decoder
 from dkvcache.density import certainty_prior
 from dkvcache.head import HeadSettings, combine_cfg, propose, step_head
-from dkvcache.indexing import bucket, fixed_indices, scatter_rows, slots_of
+from dkvcache.indexing import bucket, fixed_indices, slots_of
 from dkvcache.options import GenerationOptions
 from dkvcache.resolve import check_inputs_fit, resolve
 from dkvcache.rng import resolve_row_seeds
@@ -193,8 +194,8 @@ class GenerationSession:
         opts, state = self.opts, self.state
         stats = _stats(state, self.strategy, self._seconds)
         if opts.compile:
-            stats.update({"compiled": state.capture_blocker is None, "compile_s": 0.0, "compiled_shapes": 0,
-                          "loaded_packages": 0, **state.capture_stats})
+            stats.update({"compiled": state.capture_blocker is None, "compiled_choice": state.commit is not None,
+                          "compile_s": 0.0, "compiled_shapes": 0, "loaded_packages": 0, **state.capture_stats})
         stats.update(self.decoder.stats())
         if not opts.return_dict_in_generate:
             return state.x
@@ -229,8 +230,11 @@ def _denoise_steps(state: DecodeState, strategy: caches.CacheStrategy, decoder: 
         if state.capture_blocker is not None:
             capture.notice(state.capture_blocker)
             state.capture_mode = None
-        elif state.capture_mode == "aot":
-            aot.aot_step(state.model).check_weights()
+        else:
+            if state.capture_mode == "aot":
+                aot.aot_step(state.model).check_weights()
+            state.commit = _commit_settings(strategy, decoder)
+            state.rule_value = rule_value(opts.threshold, opts.factor, state.x.device)
     bar = tqdm(total=None if opts.rule_decides else opts.steps, desc="denoising", unit="step", leave=False,
                disable=not opts.progress, dynamic_ncols=True)
     blocks = _blocks(state)
@@ -265,6 +269,14 @@ def _denoise_steps(state: DecodeState, strategy: caches.CacheStrategy, decoder: 
             yield state.length
             return
         yield block_end
+
+
+def _commit_settings(strategy: caches.CacheStrategy, decoder: Decoder) -> CommitSettings | None:
+    """Whether the compiled step (either mode) can also choose and write: the plain vanilla rule, and a strategy
+    that keeps the sampler's confidences (dKV greedy replaces them with its own order)."""
+    if type(strategy).confidence is not caches.CacheStrategy.confidence:
+        return None
+    return decoder.commit_settings()
 
 
 def _all_rows_ended(state: DecodeState, block_end: int) -> bool:
@@ -311,6 +323,20 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder) 
     source = torch.where(cand_valid, source, length)
     offsets = (cand_pos - state.prompt_length).clamp(min=0)
     full = shadow = None
+    if state.commit is not None:  # compiled step that also chooses and writes: nothing left to do in Python
+        count = state.schedule.count(state.step_in_block, cand_counts)
+        x_before = state.x
+        if state.capture_mode == "aot":
+            state.x, transfer, conf = _aot_forward_and_head(state, plan, decoder, source, cand_valid, offsets,
+                                                            cand_pos=cand_pos, count=count)
+        else:
+            hidden, _ = _forward(state, strategy, plan, decoder)
+            noise_step = torch.tensor(state.noise_step, device=cand_pos.device)
+            state.x, transfer, conf = capture.compiled_head_and_commit(state.model)(
+                state.capture_stats, hidden, plan.fed_idx, source, cand_valid, offsets, state.row_seeds, noise_step,
+                state.head_settings, x_before, cand_pos, count, state.rule_value, state.commit)
+        strategy.after_step(state, StepOutcome(plan.fed_idx, cand_pos, cand_valid, conf, transfer, x_before))
+        return True
     if state.capture_mode == "aot":
         logits, decodable, x0, conf = _aot_forward_and_head(state, plan, decoder, source, cand_valid, offsets)
     else:
@@ -338,9 +364,7 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder) 
     transfer = decoder.choose(step, state.schedule.count(state.step_in_block, cand_counts))
 
     x_before = state.x  # the write below makes a new tensor, so this stays the pre-step sequences
-    new_tokens = scatter_rows(torch.where(transfer, x0, opts.mask_token_id), cand_pos, length, opts.mask_token_id)
-    written = scatter_rows(transfer, cand_pos, length, False)
-    state.x = torch.where(written, new_tokens, state.x)
+    state.x = write_tokens(state.x, cand_pos, transfer, x0, opts.mask_token_id)
     decoder.after_write(step, transfer, x_before)
     strategy.after_step(state, StepOutcome(plan.fed_idx, cand_pos, cand_valid, step.conf, transfer, x_before))
     if opts.generation_tokens_hook_func is not None:
@@ -417,13 +441,16 @@ def _forward(state: DecodeState, strategy: caches.CacheStrategy, plan: caches.St
 
 
 def _aot_forward_and_head(state: DecodeState, plan: caches.StepPlan, decoder: Decoder, source: torch.Tensor,
-                          cand_valid: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """compile="aot": the forward and the head as one AOTInductor call (see :mod:`dkvcache.aot`)."""
+                          cand_valid: torch.Tensor, offsets: torch.Tensor, cand_pos: torch.Tensor | None = None,
+                          count: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """compile="aot": the forward and the head as one AOTInductor call (see :mod:`dkvcache.aot`); with
+    ``state.commit`` the vanilla choice and the write too (then ``cand_pos`` and ``count`` are given)."""
     ids, positions, key_valid, _, _, kv = _model_inputs(state, plan, decoder)
     noise_step = torch.tensor(state.noise_step, device=ids.device)
     with _forward_scope():
         out = aot.aot_step(state.model)(state.capture_stats, ids, positions, key_valid, plan.fed_idx, kv, source,
-                                        cand_valid, offsets, state.row_seeds, noise_step, state.head_settings)
+                                        cand_valid, offsets, state.row_seeds, noise_step, state.head_settings,
+                                        state.commit, cand_pos, count, state.rule_value)
     _count_forward(state, ids, plan)
     return out
 

@@ -140,13 +140,16 @@ def select_sampled(conf: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, alg
     return select_top(conf.double() / alg_temp + noise, valid, k)
 
 
-def linspace_count(masked: torch.Tensor, step_in_block: int, steps: int, eps: float) -> torch.Tensor:
-    """Dream's count per row: int(m * (1 - s/t)) with float32 timesteps, everything at the block's last step."""
-    if step_in_block >= steps - 1:
-        return masked
-    timesteps = torch.linspace(1, eps, steps + 1, device=masked.device)
-    t, s = timesteps[step_in_block], timesteps[step_in_block + 1]
-    return (masked.to(torch.float32) * (1 - s / t)).floor().long()
+def linspace_ratios(steps: int, eps: float, device: torch.device | None = None) -> torch.Tensor:
+    """Dream's per-step fractions (steps,) ``1 - s/t`` of a block, with float32 timesteps linspace(1, eps)."""
+    timesteps = torch.linspace(1, eps, steps + 1, device=device)
+    return 1 - timesteps[1:] / timesteps[:-1]
+
+
+def linspace_count(masked: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """Dream's count per row at a step that is not the block's last: int(m * (1 - s/t)) in float32 (the last
+    step transfers everything: the schedule does not call this there)."""
+    return (masked.to(torch.float32) * ratio).floor().long()
 
 
 def origin_transfer(valid: torch.Tensor, step_in_block: int, steps: int, eps: float, row_seeds: torch.Tensor,

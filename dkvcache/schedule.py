@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dkvcache.sampling import linspace_count, llada_quota
+from dkvcache.sampling import linspace_count, linspace_ratios, llada_quota
 
 
 @dataclass(frozen=True)
@@ -22,18 +22,23 @@ class BlockSchedule:
     """Counts of the current block. ``steps`` None: no schedule (the parallel rule decides).
 
     quota: (B, steps) LLaDA counts drawn at the block start from each row's masked count (None for Dream).
+    ratios: (steps,) Dream's float32 fractions 1 - s/t of each step, computed once (None for LLaDA).
     """
 
     kind: str
     steps: int | None
     eps: float
     quota: torch.Tensor | None = None
+    ratios: torch.Tensor | None = None
 
     @classmethod
     def start(cls, kind: str, steps: int | None, eps: float, masked_in_block: torch.Tensor) -> BlockSchedule:
         """The schedule of a block whose rows hold ``masked_in_block`` (B,) MASK tokens at its start."""
-        quota = llada_quota(masked_in_block, steps) if kind == "quota" and steps is not None else None
-        return cls(kind, steps, eps, quota)
+        if steps is None:
+            return cls(kind, steps, eps)
+        if kind == "quota":
+            return cls(kind, steps, eps, quota=llada_quota(masked_in_block, steps))
+        return cls(kind, steps, eps, ratios=linspace_ratios(steps, eps, masked_in_block.device))
 
     def count(self, step: int, masked: torch.Tensor) -> torch.Tensor:
         """(B,) tokens to transfer at ``step`` when rows hold ``masked`` (B,) candidates; zeros without a schedule
@@ -42,7 +47,9 @@ class BlockSchedule:
             return torch.zeros_like(masked)
         if self.quota is not None:
             return self.quota[:, min(step, self.steps - 1)]
-        return linspace_count(masked, min(step, self.steps - 1), self.steps, self.eps)
+        if step >= self.steps - 1:
+            return masked
+        return linspace_count(masked, self.ratios[step])
 
     def fresh_count(self, masked: torch.Tensor) -> torch.Tensor:
         """(B,) the count of step 0 of a new block whose rows hold ``masked`` (B,) MASK tokens."""
@@ -50,4 +57,4 @@ class BlockSchedule:
             return torch.zeros_like(masked)
         if self.kind == "quota":
             return llada_quota(masked, self.steps)[:, 0]
-        return linspace_count(masked, 0, self.steps, self.eps)
+        return self.count(0, masked)

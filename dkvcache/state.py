@@ -50,6 +50,8 @@ class DecodeState:
     schedule: BlockSchedule | None = None  # the current block's transfer counts (set by the loop)
     capture_mode: str | None = None  # None (eager), "aot" or "inductor" (see dkvcache.capture.mode)
     capture_blocker: str | None = None  # compile=True: why this call runs eagerly (None = captured)
+    commit: Any = None  # CommitSettings when the AOT step also chooses and writes (dkvcache.commit)
+    rule_value: torch.Tensor | None = None  # its threshold/factor as data (dkvcache.commit.rule_value)
     capture_stats: dict = field(default_factory=dict)  # compile time of new shapes, excluded from wall time
 
     @property

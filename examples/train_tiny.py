@@ -32,6 +32,10 @@ with ``--device cuda --steps 7000`` (5-6 min on one H100) and reach 100 % for bo
 next-token loss), the rest the diffusion loss below: the real Dream is initialised from an AR model (Qwen2.5),
 and its shifted layout (position j-1 predicts token j) is that model's.
 
+``--confidence-masks f`` (an experiment, measured and not adopted: docs/accuracy.md): a fraction f of each batch
+masks the tokens the model is least confident about with the whole response masked, the contexts a parallel
+decoder creates, instead of random ones.
+
 Objective (masked diffusion, as LLaDA/Dream SFT): per sequence t ~ U(eps, 1] (stratified over the batch); every
 response token (the answer, the end-of-turn token and the EOS padding up to 64 tokens) is replaced by MASK with
 probability t; the prompt is never masked. Loss = sum over masked tokens of CE / t, divided by the number of
@@ -276,15 +280,45 @@ class Encoder:
         return ids, mask, response
 
 
+def _response_logits(model, arch: str, prompt_ids, prompt_mask, noisy):
+    """Logits predicting each response token (Dream: position j-1 predicts token j; LLaDA: position j)."""
+    width, length = prompt_ids.shape[1], noisy.shape[1]
+    x = torch.cat([prompt_ids, noisy], dim=1)
+    attn = torch.cat([prompt_mask, torch.ones_like(noisy)], dim=1)
+    logits = model(x, attention_mask=attn).logits
+    return logits[:, width - 1: width - 1 + length] if arch == "dream" else logits[:, width:]
+
+
+def confidence_order_masks(model, arch: str, prompt_ids, prompt_mask, response, mask_id: int,
+                           count: torch.Tensor) -> torch.Tensor:
+    """Masks shaped like the ones decoding visits: keep the tokens the model is most confident about with the whole
+    response masked (what confidence-ordered decoding commits first) and mask the ``count`` least confident.
+
+    Random masks rarely show a state the model must compute while everything it can copy is already written,
+    which is what a parallel decoder creates after its first step; training on these contexts teaches the model
+    its confidence there (measured: the 3-layer chain LLaDA was ~93 % confident and ~55 % right three states
+    ahead of the last written one)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        blank = torch.full_like(response, mask_id)
+        conf = _response_logits(model, arch, prompt_ids, prompt_mask, blank).float().softmax(-1).amax(-1)
+    model.train(was_training)
+    ranks = conf.argsort(dim=1).argsort(dim=1)  # 0 = least confident
+    return ranks < count.to(ranks.device)[:, None]
+
+
 def diffusion_loss(model, arch: str, prompt_ids, prompt_mask, response, mask_id: int, gen: torch.Generator,
-                   eps: float = 1e-3, objective: str = "bernoulli"):
+                   eps: float = 1e-3, objective: str = "bernoulli", confidence_masks: float = 0.0):
     """Masked-diffusion loss of one batch (see the module docstring). Returns (loss, mean CE on masked tokens).
 
     ``objective="bernoulli"``: t ~ U(eps, 1], each response token masked with probability t, CE weighted 1/t.
     ``objective="exact"``: l ~ U{1..R}, exactly l of the R response tokens masked, CE weighted R/l -- the same
     bound in expectation (LLaDA's low-variance form) without the binomial noise in the number masked.
+    ``confidence_masks=f``: in a fraction f of the rows (the first ones after the shuffle) the masked tokens are
+    instead the least confident ones (``confidence_order_masks``), as many as the row's draw asked for.
     """
-    batch, width = prompt_ids.shape
+    batch = prompt_ids.shape[0]
     length = response.shape[1]
     # stratified draws: one uniform, spread over the batch (lower variance than independent draws)
     u = (torch.rand((), generator=gen) + torch.arange(batch) / batch) % 1.0
@@ -300,14 +334,13 @@ def diffusion_loss(model, arch: str, prompt_ids, prompt_mask, response, mask_id:
     else:
         raise ValueError(f"objective must be 'bernoulli' or 'exact', got {objective!r}")
     masked, t = masked.to(response.device), t.to(response.device)  # CPU draws: the same masks on any device
+    rows = round(confidence_masks * batch)
+    if rows:
+        count = masked[:rows].sum(dim=1).clamp(min=1)
+        masked[:rows] = confidence_order_masks(model, arch, prompt_ids[:rows], prompt_mask[:rows], response[:rows],
+                                               mask_id, count)
     noisy = torch.where(masked, torch.full_like(response, mask_id), response)
-    x = torch.cat([prompt_ids, noisy], dim=1)
-    attn = torch.cat([prompt_mask, torch.ones_like(response)], dim=1)
-    logits = model(x, attention_mask=attn).logits
-    if arch == "dream":
-        pred = logits[:, width - 1: width - 1 + length]  # position j-1 predicts token j
-    else:
-        pred = logits[:, width:]
+    pred = _response_logits(model, arch, prompt_ids, prompt_mask, noisy)
     ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), response.reshape(-1), reduction="none")
     ce = ce.view_as(response)
     loss = (ce * masked / t[:, None].float()).sum() / response.numel()
@@ -352,6 +385,9 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; chain 2e-3)")
     ap.add_argument("--objective", choices=["bernoulli", "exact"], default="bernoulli",
                     help="how the masks are drawn (see diffusion_loss)")
+    ap.add_argument("--confidence-masks", type=float, default=0.0,
+                    help="fraction of each batch masked least-confident-first instead of at random "
+                         "(see confidence_order_masks)")
     ap.add_argument("--ar-steps", type=int, default=0,
                     help="Dream only: the first N of --steps train an autoregressive LM (causal attention, "
                          "next-token loss), the rest the diffusion loss: the real Dream's AR initialisation")
@@ -389,6 +425,8 @@ def parse_args(argv=None):
         ap.error(f"--init must be a checkpoint directory with a config.json, got {args.init!r}")
     if args.grow_layers and args.init is None:
         ap.error("--grow-layers deepens the --init checkpoint; pass --init")
+    if not 0.0 <= args.confidence_masks <= 1.0:
+        ap.error(f"--confidence-masks must be a fraction in [0, 1], got {args.confidence_masks}")
     if not 0 <= args.ar_steps < args.steps:
         ap.error(f"--ar-steps must be in [0, --steps={args.steps}), got {args.ar_steps}")
     return args
@@ -446,7 +484,7 @@ def train(args) -> dict:
             loss, ce = autoregressive_loss(model, prompt_ids, prompt_mask, response)
         else:
             loss, ce = diffusion_loss(model, args.arch, prompt_ids, prompt_mask, response, config.mask_token_id,
-                                      gen, objective=args.objective)
+                                      gen, objective=args.objective, confidence_masks=args.confidence_masks)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -81,6 +81,47 @@ def test_aot_builds_one_package_per_call_signature(models, aot_eager, family):
     assert _gen(model, ids, mask, compile=True, **sampling).stats["compiled_shapes"] == 1  # no K/V: its own
 
 
+@pytest.mark.parametrize("mode", ["aot", "inductor"])
+@pytest.mark.parametrize("family", MODELS)
+def test_compiled_step_chooses_and_writes_for_the_vanilla_rule(models, aot_eager, family, mode):
+    """With the plain vanilla rule the compiled step also chooses and writes (dkvcache.commit), under the
+    schedule, a threshold and a factor, with classifier-free guidance, and gives the eager tokens; a decoder with
+    its own choice, random order, sampled positions or the certainty prior, and dKV greedy's own order keep the
+    choice in Python."""
+    model = models[family]
+    ids, mask = left_pad(PROMPTS)
+    base = dict(max_new_tokens=12, steps=12, block_length=4, alg="maskgit_plus", return_dict_in_generate=True)
+    dual = CAPTURED["dual"]
+    fused = [{**dual}, {**dual, "threshold": THRESHOLD[family]}, {**dual, "factor": 1.5},
+             {**dual, "factor": 1.5, "factor_rule": "fast_dllm"}, {"cfg_scale": 1.0}]
+    kept = [{**dual, "decoding": "klass"}, {**dual, "alg_temp": 0.5, "seed": 3}, {**dual, "sigma": 2.0}]
+    if family == "dream":
+        kept.append({**dual, "alg": "origin", "seed": 3})
+    else:
+        kept.append(dict(use_cache=True, cache_type="greedy", cache_steps=2, seed=4, alg="random"))
+    for extra in fused + kept:
+        kwargs = {**base, **extra}
+        eager = model.diffusion_generate(ids, attention_mask=mask, **kwargs)
+        compiled = model.diffusion_generate(ids, attention_mask=mask, compile=mode, **kwargs)
+        assert torch.equal(eager.sequences, compiled.sequences), extra
+        assert compiled.stats["compiled"] and compiled.stats["compiled_choice"] == (extra in fused), extra
+
+
+def test_rule_value_compares_as_the_python_float():
+    """The threshold/factor fed to a compiled step as a 0-d float64 tensor rounds like the Python float against
+    float32 scores, so the choice is the same at the boundary."""
+    from dkvcache.commit import rule_value
+    from dkvcache.sampling import prefix_count
+
+    scores = torch.tensor([[0.9, 0.30000001192092896, 0.3, 0.2999999]], dtype=torch.float32)
+    valid = torch.ones_like(scores, dtype=torch.bool)
+    for threshold, factor in ((0.3, None), (None, 1.4), (None, 2.1)):
+        value = rule_value(threshold, factor, scores.device)
+        as_tensor = prefix_count(scores, valid, value if threshold is not None else None,
+                                 value if factor is not None else None)
+        assert torch.equal(as_tensor, prefix_count(scores, valid, threshold, factor)), (threshold, factor)
+
+
 def test_aot_packages_follow_the_weights(models, aot_eager):
     """A package reads the model's parameters in place; replacing them drops the packages built on the old ones."""
     model = tiny_dream(seed=14)
@@ -164,12 +205,16 @@ def test_real_backends_compile_the_dual_step(models, family, mode, tmp_path, mon
         compiled = model.diffusion_generate(ids, attention_mask=mask, compile=mode, return_dict_in_generate=True,
                                             **single_block)
         assert torch.equal(eager, compiled.sequences) and compiled.stats["compiled_shapes"] == 0
-        for strategy in ("decoded", "prefill", "pd", "prefix"):  # every K/V strategy shares the package
-            for extra in ({}, {"threshold": THRESHOLD[family]}):
+        # Every K/V strategy shares the package; the threshold rule is another one (its value is data, so one
+        # build serves every threshold)
+        built = 0
+        for extra in ({}, {"threshold": THRESHOLD[family]}, {"threshold": 0.5}):
+            for strategy in ("decoded", "prefill", "pd", "prefix"):
                 compiled = _gen(model, ids, mask, compile=mode, **CAPTURED[strategy], **extra)
                 assert torch.equal(_gen(model, ids, mask, **CAPTURED[strategy], **extra).sequences,
                                    compiled.sequences), (strategy, extra)
-                assert compiled.stats["compiled_shapes"] == 0
+                built += compiled.stats["compiled_shapes"]
+        assert built == 1
 
 
 def test_static_kv_pool(models):

@@ -12,12 +12,13 @@ from dkvcache.sampling import (
     DREAM,
     LLADA,
     filter_logits,
-    linspace_count,
+    linspace_ratios,
     llada_quota,
     propose_tokens,
     select_sampled,
     select_top,
 )
+from dkvcache.schedule import BlockSchedule
 
 
 def test_llada_quota_matches_the_original_examples():
@@ -27,12 +28,22 @@ def test_llada_quota_matches_the_original_examples():
 
 
 def _dream_schedule(masked: int, steps: int) -> list[int]:
+    schedule = BlockSchedule.start("linspace", steps, 1e-3, torch.tensor([masked]))
     counts = []
     for i in range(steps):
-        k = int(linspace_count(torch.tensor([masked]), i, steps, 1e-3))
+        k = int(schedule.count(i, torch.tensor([masked])))
         counts.append(k)
         masked -= k
     return counts
+
+
+@pytest.mark.parametrize("steps", [2, 7, 32, 256])
+@pytest.mark.parametrize("eps", [1e-3, 0.05])
+def test_dream_ratios_once_per_block_equal_the_per_step_formula(steps, eps):
+    """The block's ratios computed once equal Dream's per-step float32 1 - s/t (two 0-d tensors) bit for bit."""
+    timesteps = torch.linspace(1, eps, steps + 1)
+    per_step = torch.stack([1 - timesteps[i + 1] / timesteps[i] for i in range(steps)])
+    assert torch.equal(linspace_ratios(steps, eps), per_step)
 
 
 def test_dream_linspace_counts_floor_in_float32():

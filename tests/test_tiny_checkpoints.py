@@ -217,6 +217,60 @@ def test_diffusion_loss_weighting_estimates_the_mean_ce(objective):
                                   objective="uniform")
 
 
+class _PositionConfidenceLM(torch.nn.Module):
+    """Logits whose confidence grows with the position (the last response position is the most confident) and
+    that record every input they see."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+        self.inputs = []
+
+    def forward(self, x, attention_mask=None):
+        self.inputs.append(x.clone())
+        sharp = torch.arange(x.shape[1], dtype=torch.float32)[None, :, None]
+        logits = sharp * torch.nn.functional.one_hot(torch.zeros_like(x), self.vocab).float() + self.bias
+
+        class Out:
+            pass
+        out = Out()
+        out.logits = logits
+        return out
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_confidence_masks_mask_the_least_confident_positions(arch):
+    train_tiny = _train_module()
+    vocab, mask_id, width, length = 8, 7, 5, 12
+    prompt = torch.randint(0, 6, (16, width))
+    response = torch.randint(0, 6, (16, length))
+    model = _PositionConfidenceLM(vocab)
+    count = torch.arange(16) % length + 1
+    masks = train_tiny.confidence_order_masks(model, arch, prompt, torch.ones_like(prompt), response, mask_id, count)
+    # the probe forward sees the whole response masked
+    assert (model.inputs[0][:, width:] == mask_id).all()
+    # confidence rises with position, so the masked ones are the first `count` (shifted by one for Dream makes
+    # no difference to the order)
+    expect = torch.arange(length)[None, :] < count[:, None]
+    assert torch.equal(masks, expect)
+    # in the loss: half the rows take these masks, with as many masked tokens as their random draw
+    gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    model = _PositionConfidenceLM(vocab)
+    train_tiny.diffusion_loss(model, arch, prompt, torch.ones_like(prompt), response, mask_id, gen_a,
+                              confidence_masks=0.5)
+    plain = _PositionConfidenceLM(vocab)
+    train_tiny.diffusion_loss(plain, arch, prompt, torch.ones_like(prompt), response, mask_id, gen_b)
+    noisy, random_noisy = model.inputs[-1][:, width:], plain.inputs[-1][:, width:]
+    assert torch.equal(noisy[8:], random_noisy[8:])
+    assert torch.equal((noisy[:8] == mask_id).sum(1).clamp(min=1), (random_noisy[:8] == mask_id).sum(1).clamp(min=1))
+    first = (noisy[:8] == mask_id)
+    assert all(torch.equal(row, torch.arange(length) < row.sum()) for row in first)
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(SystemExit):
+            train_tiny.parse_args(["--arch", arch, "--out", "x", "--confidence-masks", bad])
+
+
 def test_autoregressive_stage_is_causal_and_switches_to_diffusion(tmp_path, monkeypatch):
     """--ar-steps (Dream's AR initialisation): the loss at response token j only sees tokens before j, the log
     says which stage each step ran, and the option is refused where it makes no sense."""

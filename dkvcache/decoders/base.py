@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from dkvcache.commit import CommitSettings, vanilla_choice
 from dkvcache.registry import Registry
 from dkvcache.sampling import (
     Family,
     origin_transfer,
     parallel_count,
     select_sampled,
-    select_top,
     token_distribution,
 )
 
@@ -117,12 +117,21 @@ class Decoder:
             state = step.state
             return origin_transfer(step.cand_valid, state.step_in_block, state.steps_in_block, self.opts.eps,
                                    state.row_seeds, state.noise_step, step.offsets) & step.decodable
-        count = self.vanilla_count(step, count)
         if self.opts.alg_temp:
             state = step.state
-            return select_sampled(step.score, step.decodable, count, self.opts.alg_temp, state.row_seeds,
-                                  state.noise_step, step.offsets)
-        return select_top(step.score, step.decodable, count)
+            return select_sampled(step.score, step.decodable, self.vanilla_count(step, count), self.opts.alg_temp,
+                                  state.row_seeds, state.noise_step, step.offsets)
+        opts = self.opts
+        return vanilla_choice(step.score, step.decodable, count, opts.threshold, opts.factor, opts.factor_rule)
+
+    def commit_settings(self) -> CommitSettings | None:
+        """The settings under which a compiled step may choose and write itself (:mod:`dkvcache.commit`): only
+        for the plain vanilla rule (no subclass refinement, no random order or sampled positions, no prior);
+        None otherwise."""
+        opts = self.opts
+        if type(self) is not Decoder or opts.alg == "origin" or opts.alg_temp or opts.sigma:
+            return None
+        return CommitSettings.of(opts.threshold, opts.factor, opts.factor_rule, opts.mask_token_id)
 
     def after_write(self, step: StepView, transfer: torch.Tensor, x_before: torch.Tensor) -> None:
         """Bookkeeping once the chosen tokens are written into ``state.x``."""
