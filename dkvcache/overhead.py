@@ -4,13 +4,14 @@
     python -m dkvcache.bench --overhead [--json F]    # the same
 
 For each checkpoint and strategy: ms per step eager and compiled (``compile=True``: the AOT step on CPU; and
-``compile="inductor"``, torch.compile per shape, for comparison; min of ``--repeats`` timed runs after a
-warm-up; compile time reported apart), the compute floor (the step's matmuls and attention alone, see
-:func:`compute_floor_ms`; eager ÷ floor is the most any capture could gain, floor ÷ compiled how much of it
-``compile=True`` reaches), aten calls per step (``torch.profiler``, views included) and per layer of
-the model forward, host reads per step (``.item()``, ``.tolist()``, ``bool(tensor)`` … counted with a
-``TorchFunctionMode``: each is a device synchronisation on CUDA), and the same counts for a plain transformers
-``Qwen2ForCausalLM`` / ``LlamaForCausalLM`` forward of the same size over the whole sequence.
+``compile="inductor"``, torch.compile per shape, for comparison; the best of ``--repeats`` rounds after a
+warm-up, each round running the three modes in turn; compile time reported apart), the compute floor (the
+step's matmuls and attention alone, see :func:`compute_floor_ms`; eager ÷ floor is the most any capture could
+gain, floor ÷ compiled how much of it ``compile=True`` reaches), aten calls per step (``torch.profiler``, views
+included) and per layer of the model forward, host reads per step (``.item()``, ``.tolist()``,
+``bool(tensor)`` … counted with a ``TorchFunctionMode``: each is a device synchronisation on CUDA), and the same
+counts for a plain transformers ``Qwen2ForCausalLM`` / ``LlamaForCausalLM`` forward of the same size over the
+whole sequence.
 """
 
 from __future__ import annotations
@@ -85,11 +86,18 @@ def _inside_forward(event: Any) -> bool:
 
 
 def _min_time(fn, repeats: int) -> float:
-    best = float("inf")
+    return _min_times([fn], repeats)[0]
+
+
+def _min_times(fns: list, repeats: int) -> list[float]:
+    """The best of ``repeats`` timings of each function, taken in turns (one run of each per round), so a slow
+    spell on a shared machine hits every mode alike and the ratios between them stay comparable."""
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 
@@ -150,11 +158,10 @@ def measure(model: Any, ids: torch.Tensor, strategy: str, gen: int, repeats: int
         warm = run()
     steps = warm.stats["steps"]
     floor = floor_ms_per_step(model, shapes, steps)
-    eager = _min_time(run, repeats) / steps
     first = run(compile=True)  # compiles every new shape; its compile time is reported apart
-    compiled = _min_time(lambda: run(compile=True), repeats) / steps
     inductor_first = run(compile="inductor") if _default_mode(model) != "inductor" else first
-    inductor = _min_time(lambda: run(compile="inductor"), repeats) / steps
+    eager, compiled, inductor = (seconds / steps for seconds in _min_times(
+        [run, lambda: run(compile=True), lambda: run(compile="inductor")], repeats))
     with count_host_reads() as reads:
         run()
     total, inside = _aten_counts(run)
@@ -248,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", action="append", help="checkpoint (default: assets/tiny-dream, assets/tiny-llada)")
     parser.add_argument("--prompt-len", type=int, default=40)
     parser.add_argument("--gen-len", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (each runs every mode once)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
