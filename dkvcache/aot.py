@@ -102,13 +102,12 @@ class AOTStep:
         keys, values = (kv.keys, kv.values) if kv is not None else ([], [])
         # A package's kernels index its inputs with the strides they had when it was built, unchecked at run
         # time: an expanded (stride-0) fed set, as prefix/dual plan it, would make every row read row 0's.
-        ids, positions, key_valid, source, cand_valid, offsets = (
-            t.contiguous() for t in (ids, positions, key_valid, source, cand_valid, offsets))
-        fed_idx = None if fed_idx is None else fed_idx.contiguous()
-        args = (ids, positions, key_valid, fed_idx, keys, values, source, cand_valid, offsets, row_seeds.contiguous(),
-                noise_step)
+        ids, positions, key_valid, source, cand_valid, offsets, row_seeds = (
+            _dense(t) for t in (ids, positions, key_valid, source, cand_valid, offsets, row_seeds))
+        fed_idx = None if fed_idx is None else _dense(fed_idx)
+        args = (ids, positions, key_valid, fed_idx, keys, values, source, cand_valid, offsets, row_seeds, noise_step)
         if commit_settings is not None:
-            args += (cand_pos.contiguous(), count.contiguous(), rule_value)
+            args += (_dense(cand_pos), _dense(count), rule_value)
         signature = (tuple(ids.shape), ids.device, kv is not None, settings, commit_settings)
         runner = self.runners.get(signature)
         if runner is None:
@@ -186,6 +185,11 @@ class _FlatCall:
             return self.runner(ids, positions, key_valid, fed_idx, keys, values, *rest)
         flat = [ids, positions, key_valid, *([] if fed_idx is None else [fed_idx]), *keys, *values, *rest]
         return self.loader.boxed_run(flat)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the row-major strides a package's kernels assume (a copy only when it has other strides)."""
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def cache_dir() -> Path | None:

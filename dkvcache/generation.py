@@ -298,14 +298,15 @@ def _width(state: DecodeState, n: int, cap: int) -> int:
 def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder) -> bool:
     """One denoising step of the current block. Returns False when the block has nothing left to decode."""
     opts, length = state.opts, state.length
-    candidates = state.masked()
-    candidates[:, : state.block_start] = False
-    candidates[:, state.block_end:] = False
+    candidates = state.x[:, state.block_start: state.block_end] == opts.mask_token_id  # the block's MASK tokens
     plan = strategy.plan(state)
     # The step's one host synchronisation: how many candidates (0 = the block is done) and fed positions the
     # widest row has (under torch.compile rounded up to a bucket, so the step only ever sees a few shapes).
     cand_counts = candidates.sum(1)
-    counts = [cand_counts.max()] + ([plan.fed_mask.sum(1).max()] if plan.fed_mask is not None else [])
+    counts = [cand_counts.max()]
+    if plan.fed_mask is not None:
+        fed_per_row = plan.fed_mask.sum(1)
+        counts += [fed_per_row.max(), fed_per_row.sum()]
     counts += [value.long() for value in plan.reads.values()]
     widths = torch.stack(counts).tolist()
     if widths[0] == 0:
@@ -315,9 +316,11 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder) 
         plan.refresh = bool(plan.read_values.get("refresh", plan.refresh))
         widths = widths[: len(widths) - len(plan.reads)]
     block_width = state.block_end - state.block_start
-    cand_pos, cand_valid = fixed_indices(candidates, _width(state, widths[0], block_width), length)
+    cand_pos, cand_valid = fixed_indices(candidates, _width(state, widths[0], block_width), length,
+                                         start=state.block_start)
     if plan.fed_mask is not None:
         plan.fed_idx = fixed_indices(plan.fed_mask, _width(state, widths[1], length), length)[0]
+        plan.fed_count = widths[2]
     state.refreshes += int(plan.refresh)
     source = cand_pos - 1 if state.family.shift_logits else cand_pos
     source = torch.where(cand_valid, source, length)
@@ -414,7 +417,9 @@ def _count_forward(state: DecodeState, ids: torch.Tensor, plan: caches.StepPlan)
     state.full_positions += ids.numel()
     if plan.fed_idx is None:
         state.fed_full += ids.numel()
-    else:  # padding entries (= L) are not fed positions; both CFG halves feed the set
+    elif plan.fed_count is not None:  # both CFG halves feed the set
+        state.fed_full += plan.fed_count * (ids.shape[0] // state.batch)
+    else:  # padding entries (= L) are not fed positions
         state.fed_counts.append((plan.fed_idx < state.length).sum() * (ids.shape[0] // state.batch))
 
 

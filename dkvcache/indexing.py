@@ -22,12 +22,17 @@ def bucket(n: int, cap: int) -> int:
     return min(1 << (n - 1).bit_length(), cap)
 
 
-def fixed_indices(mask: torch.Tensor, width: int, pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like :func:`ragged_indices` but with a given ``width`` (≥ every row's count): no host sync."""
-    counts = mask.sum(dim=1)
+def fixed_indices(mask: torch.Tensor, width: int, pad_value: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`ragged_indices` but with a given ``width`` (≥ every row's count): no host sync. ``start``: the
+    position of the mask's first column (a mask over one block gives sequence positions)."""
+    if width > mask.shape[1]:  # wider than the mask itself: the extra entries are padding
+        mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1]))
+    # A stable sort of "not selected" puts the selected columns first, each group in ascending order.
     order = torch.sort(mask.logical_not().to(torch.int8), dim=1, stable=True).indices[:, :width]
-    valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
-    return torch.where(valid, order, torch.full_like(order, pad_value)), valid
+    valid = mask.gather(1, order)
+    if start:
+        order = order + start
+    return torch.where(valid, order, pad_value), valid
 
 
 def slots_of(fed_idx: torch.Tensor, length: int) -> torch.Tensor:

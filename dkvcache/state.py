@@ -42,8 +42,9 @@ class DecodeState:
     kv: KVBuffers | None = None
     forwards: int = 0
     full_positions: int = 0
-    # Positions fed, for the stats: a 0-d count per forward with a fed set (read once, at the end: no host sync
-    # per step, and no fed set kept alive), plus the plain count of full forwards.
+    # Positions fed, for the stats: the plain count of full forwards and of fed sets whose size is known on the
+    # host, plus a 0-d count per forward whose set is not (read once, at the end: no host sync per step, and no
+    # fed set kept alive).
     fed_counts: list = field(default_factory=list)
     fed_full: int = 0
     refreshes: int = 0

@@ -352,6 +352,13 @@ def test_bucket_and_fixed_indices():
     fixed, fixed_valid = fixed_indices(mask, bucket(ragged.shape[1], 13), pad_value=13)
     assert torch.equal(fixed[:, : ragged.shape[1]], ragged) and (fixed[:, ragged.shape[1]:] == 13).all()
     assert torch.equal(fixed_valid[:, : ragged.shape[1]], valid)
+    # against a plain per-row reference: a block's mask with its start offset, and a width wider than the mask
+    for start, width in ((0, 13), (7, 9), (20, 16)):
+        pos, ok = fixed_indices(mask, width, pad_value=99, start=start)
+        for row, row_mask in enumerate(mask.tolist()):
+            expect = [start + j for j, m in enumerate(row_mask) if m][:width]
+            expect += [99] * (width - len(expect))
+            assert pos[row].tolist() == expect and ok[row].tolist() == [p != 99 for p in expect]
 
 
 def test_recorded_forward_shapes_and_floor(models):

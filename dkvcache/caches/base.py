@@ -28,6 +28,8 @@ class StepPlan:
               (a power of two) read in the step's one host sync. Prefer it for per-row ragged sets.
     fed_idx: (B, n) positions, ascending per row, padding entries equal to the sequence length L; for sets whose
              width is known without looking at the data (prefix/dual: the block, the suffix).
+    fed_count: with ``fed_idx``, its real (non-padding) entries over all rows when the strategy knows the number
+             without reading data (the loop counts them otherwise).
     use_kv:  read/write the K/V buffers (False only for strategies that never cache).
     refresh: this step recomputes everything the cache holds (counted in ``stats``).
     reads:   0-dim integer/bool tensors the strategy needs as Python values this step (a layer hook's branch or
@@ -38,6 +40,7 @@ class StepPlan:
 
     fed_idx: torch.Tensor | None = None
     fed_mask: torch.Tensor | None = None
+    fed_count: int | None = None
     use_kv: bool = False
     refresh: bool = False
     reads: dict[str, torch.Tensor] = field(default_factory=dict)

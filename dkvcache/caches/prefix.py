@@ -34,6 +34,7 @@ class _BlockCache(CacheStrategy):
     def __init__(self, cache_steps: int | None = None, **options) -> None:
         super().__init__(**options)
         self.cache_steps = cache_steps
+        self.block_fed: tuple[int, torch.Tensor] | None = None  # (block start, the fed set of its later steps)
 
     @classmethod
     def check(cls, options: dict, family: str, opts: GenerationOptions) -> None:
@@ -43,10 +44,13 @@ class _BlockCache(CacheStrategy):
         i = state.step_in_block
         if i == 0 or (self.cache_steps is not None and i % self.cache_steps == 0):
             return StepPlan(fed_idx=None, use_kv=True, refresh=True)
-        start = state.block_start - (1 if state.family.shift_logits else 0)
-        end = state.length if self.feeds_suffix else state.block_end
-        fed = torch.arange(start, end, device=state.x.device).expand(state.batch, -1)
-        return StepPlan(fed_idx=fed, use_kv=True)
+        if self.block_fed is None or self.block_fed[0] != state.block_start:  # one set per block, built once
+            start = state.block_start - (1 if state.family.shift_logits else 0)
+            end = state.length if self.feeds_suffix else state.block_end
+            fed = torch.arange(start, end, device=state.x.device).expand(state.batch, -1)
+            self.block_fed = (state.block_start, fed)
+        fed = self.block_fed[1]
+        return StepPlan(fed_idx=fed, use_kv=True, fed_count=fed.numel())
 
     def stats(self) -> dict:
         return {**super().stats(), "cache_steps": self.cache_steps}
