@@ -46,7 +46,8 @@ def test_cuda_matches_cpu_in_float64():
                                    dict(use_cache=True, cache_type="decoded", cache_steps=2)])
 def test_compile_on_cuda_replays_cuda_graphs_with_the_eager_tokens(builder, cache):
     """compile=True on CUDA is torch.compile under CUDA graphs: float64 tokens equal eager, no CUDA-graph skip
-    (the K/V buffers it writes are static addresses), and a second call reuses the pooled buffers."""
+    (the K/V buffers it writes are static addresses), a second call reuses the pooled buffers, and the vanilla
+    rule's choice and write run in the compiled head."""
     model = builder(layers=2).to("cuda")
     ids, mask = left_pad(PROMPTS)
     ids, mask = ids.cuda(), mask.cuda()
@@ -58,4 +59,4 @@ def test_compile_on_cuda_replays_cuda_graphs_with_the_eager_tokens(builder, cach
     again = model.diffusion_generate(ids, attention_mask=mask, compile=True, **common)
     assert torch.equal(eager.sequences, first.sequences) and torch.equal(eager.sequences, again.sequences)
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == skips
-    assert again.stats["compiled_shapes"] == 0
+    assert again.stats["compiled_shapes"] == 0 and again.stats["compiled_choice"]  # the choice is in the graph
