@@ -386,3 +386,15 @@ def test_overhead_report_runs(models, aot_eager):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert overhead.measure(models["dream"], PROMPTS[0][None], "dllm", gen=32, repeats=1)["compiled"] is False
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_aot_step_with_one_token_blocks(models, aot_eager, family):
+    """A 1-token block is narrower than the AOT step's minimum candidate width (2): the candidate set is padded
+    past the block and still gives the eager tokens."""
+    model = models[family]
+    ids, mask = left_pad(PROMPTS)
+    kwargs = dict(max_new_tokens=4, steps=4, block_length=1, alg="maskgit_plus", return_dict_in_generate=True)
+    eager = model.diffusion_generate(ids, attention_mask=mask, **kwargs)
+    compiled = model.diffusion_generate(ids, attention_mask=mask, compile=True, **kwargs)
+    assert torch.equal(eager.sequences, compiled.sequences) and compiled.stats["compiled_choice"]
