@@ -9,9 +9,10 @@ warm-up, each round running the three modes in turn; compile time reported apart
 step's matmuls and attention alone, see :func:`compute_floor_ms`; eager ÷ floor is the most any capture could
 gain, floor ÷ compiled how much of it ``compile=True`` reaches), aten calls per step (``torch.profiler``, views
 included) and per layer of the model forward, host reads per step (``.item()``, ``.tolist()``,
-``bool(tensor)`` … counted with a ``TorchFunctionMode``: each is a device synchronisation on CUDA), and the same
-counts for a plain transformers ``Qwen2ForCausalLM`` / ``LlamaForCausalLM`` forward of the same size over the
-whole sequence.
+``bool(tensor)`` … counted with a ``TorchFunctionMode``: each is a device synchronisation on CUDA), the torch
+calls a compiled step still issues from Python (the same mode; metadata reads not counted: on a GPU each is a
+kernel launch outside the captured graph), and the same counts for a plain transformers ``Qwen2ForCausalLM`` /
+``LlamaForCausalLM`` forward of the same size over the whole sequence.
 """
 
 from __future__ import annotations
@@ -46,16 +47,26 @@ _HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, to
                torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero}
 
 
+# Tensor metadata reads: no kernel, no dispatch worth counting.
+_METADATA = frozenset({"__get__", "size", "dim", "stride", "numel", "is_contiguous", "data_ptr", "element_size",
+                       "__len__", "storage_offset", "is_floating_point", "is_complex"})
+
+
 class HostReads(TorchFunctionMode):
-    """Counts the calls that copy a tensor's value to the host (a device synchronisation on CUDA)."""
+    """Counts the calls that copy a tensor's value to the host (a device synchronisation on CUDA) and, in
+    ``calls``, every torch function issued from Python but metadata reads (on a GPU each is at least a kernel
+    launch outside any captured graph)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in _HOST_READS:
             self.count += 1
+        if getattr(func, "__name__", None) not in _METADATA:
+            self.calls += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -164,6 +175,8 @@ def measure(model: Any, ids: torch.Tensor, strategy: str, gen: int, repeats: int
         [run, lambda: run(compile=True), lambda: run(compile="inductor")], repeats))
     with count_host_reads() as reads:
         run()
+    with count_host_reads() as compiled_reads:
+        run(compile=True)
     total, inside = _aten_counts(run)
     layers = model.num_layers
     return {"strategy": strategy, "steps": steps, "eager_ms_per_step": 1000 * eager,
@@ -175,6 +188,7 @@ def measure(model: Any, ids: torch.Tensor, strategy: str, gen: int, repeats: int
             "max_speedup": 1000 * eager / floor, "efficiency_compiled": floor / (1000 * compiled),
             "aten_per_step": total / steps,
             "aten_per_layer": inside / (steps * layers), "host_reads_per_step": reads.count / steps,
+            "python_calls_per_step_compiled": compiled_reads.calls / steps,
             "fed_fraction": warm.stats["fed_fraction"]}
 
 
@@ -235,14 +249,14 @@ def _row(r: dict[str, Any]) -> str:
             f"{r['inductor_ms_per_step']:.2f} ({r['speedup_inductor']:.2f}×) | {r['floor_ms_per_step']:.2f} | "
             f"{r['max_speedup']:.2f}× | {r['efficiency_compiled']:.2f} | {r['compile_s']:.1f} | "
             f"{r['aten_per_step']:.0f} | {r['aten_per_layer']:.0f} | {r['host_reads_per_step']:.2f} | "
-            f"{r['fed_fraction']:.3f} |")
+            f"{r['python_calls_per_step_compiled']:.0f} | {r['fed_fraction']:.3f} |")
 
 
 def _table(path: str, rows: list[dict[str, Any]], reference: dict[str, Any]) -> str:
     head = (f"\n{path}, batch 1:\n\n| strategy | eager ms/step | compiled ms/step | compiled speed-up | "
             "torch.compile ms/step | floor ms/step | eager ÷ floor | floor ÷ compiled | compile s | "
-            "aten calls/step | aten calls/layer | host reads/step | fed |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "aten calls/step | aten calls/layer | host reads/step | compiled: torch calls/step from Python | fed |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     ref = (f"\ntransformers {reference['name']} of the same size, one forward over the whole sequence: "
            f"{reference['ms_per_forward']:.2f} ms, {reference['aten_per_forward']} aten calls, "
            f"{reference['aten_per_layer']:.0f} per layer")
