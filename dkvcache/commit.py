@@ -43,13 +43,18 @@ def rule_value(threshold: float | None, factor: float | None, device: torch.devi
     return torch.tensor(value, dtype=torch.float64, device=device)
 
 
+def raised_count(score: torch.Tensor, decodable: torch.Tensor, count: torch.Tensor, threshold: float | None,
+                 factor: float | None, factor_rule: str) -> torch.Tensor:
+    """The schedule's ``count`` (B,), raised by Fast-dLLM's threshold/factor rule when one is set."""
+    if threshold is None and factor is None:
+        return count
+    return torch.maximum(count, parallel_count(score, decodable, threshold, factor, factor_rule))
+
+
 def vanilla_choice(score: torch.Tensor, decodable: torch.Tensor, count: torch.Tensor, threshold: float | None,
                    factor: float | None, factor_rule: str) -> torch.Tensor:
-    """Which candidates (B, m) to unmask: the ``count`` (B,) best scores among the decodable ones, the count
-    raised by the threshold/factor rule when one is set."""
-    if threshold is not None or factor is not None:
-        count = torch.maximum(count, parallel_count(score, decodable, threshold, factor, factor_rule))
-    return select_top(score, decodable, count)
+    """Which candidates (B, m) to unmask: the :func:`raised_count` best scores among the decodable ones."""
+    return select_top(score, decodable, raised_count(score, decodable, count, threshold, factor, factor_rule))
 
 
 def write_tokens(x: torch.Tensor, cand_pos: torch.Tensor, transfer: torch.Tensor, x0: torch.Tensor,

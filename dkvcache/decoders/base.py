@@ -14,12 +14,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from dkvcache.commit import CommitSettings, vanilla_choice
+from dkvcache.commit import CommitSettings, raised_count, vanilla_choice
 from dkvcache.registry import Registry
 from dkvcache.sampling import (
     Family,
     origin_transfer,
-    parallel_count,
     select_sampled,
     token_distribution,
 )
@@ -106,10 +105,7 @@ class Decoder:
         """The schedule's count, raised by threshold/factor parallel decoding when set (the loop passes a zero
         count when the rule alone decides)."""
         opts = self.opts
-        if opts.parallel:
-            return torch.maximum(count, parallel_count(step.score, step.decodable, opts.threshold, opts.factor,
-                                                       opts.factor_rule))
-        return count
+        return raised_count(step.score, step.decodable, count, opts.threshold, opts.factor, opts.factor_rule)
 
     def choose(self, step: StepView, count: torch.Tensor) -> torch.Tensor:
         """Which candidates to unmask (B, m) bool; ``count`` (B,) is the schedule's count."""
