@@ -24,9 +24,10 @@ from dkvcache.caches.base import StepOutcome
 from dkvcache.commit import CommitSettings, rule_value, write_tokens
 from dkvcache.decoders import Decoder, StepView, make_decoder
 from dkvcache.density import certainty_prior
-from dkvcache.head import HeadSettings, combine_cfg, propose, step_head
+from dkvcache.head import HeadSettings, candidate_sources, combine_cfg, propose, step_head
 from dkvcache.indexing import bucket, fixed_indices, slots_of
 from dkvcache.options import GenerationOptions
+from dkvcache.partial_forward import rotary_cos_sin
 from dkvcache.resolve import check_inputs_fit, resolve
 from dkvcache.rng import resolve_row_seeds
 from dkvcache.sampling import FAMILIES
@@ -322,26 +323,26 @@ def _step(state: DecodeState, strategy: caches.CacheStrategy, decoder: Decoder) 
         plan.fed_idx = fixed_indices(plan.fed_mask, _width(state, widths[1], length), length)[0]
         plan.fed_count = widths[2]
     state.refreshes += int(plan.refresh)
-    source = cand_pos - 1 if state.family.shift_logits else cand_pos
-    source = torch.where(cand_valid, source, length)
-    offsets = (cand_pos - state.prompt_length).clamp(min=0)
+    if state.commit is not None and state.capture_mode == "aot":  # one C++ call: forward, head, choice, write
+        x_before = state.x
+        state.x, transfer, conf = _aot_forward_and_head(state, plan, decoder, cand_pos, cand_valid,
+                                                        count=state.schedule.count(state.step_in_block, cand_counts))
+        strategy.after_step(state, StepOutcome(plan.fed_idx, cand_pos, cand_valid, conf, transfer, x_before))
+        return True
+    source, offsets = candidate_sources(cand_pos, cand_valid, state.prompt_length, state.head_settings)
     full = shadow = None
-    if state.commit is not None:  # compiled step that also chooses and writes: nothing left to do in Python
+    if state.commit is not None:  # compile="inductor": the compiled head also chooses and writes
         count = state.schedule.count(state.step_in_block, cand_counts)
         x_before = state.x
-        if state.capture_mode == "aot":
-            state.x, transfer, conf = _aot_forward_and_head(state, plan, decoder, source, cand_valid, offsets,
-                                                            cand_pos=cand_pos, count=count)
-        else:
-            hidden, _ = _forward(state, strategy, plan, decoder)
-            noise_step = torch.tensor(state.noise_step, device=cand_pos.device)
-            state.x, transfer, conf = capture.compiled_head_and_commit(state.model)(
-                state.capture_stats, hidden, plan.fed_idx, source, cand_valid, offsets, state.row_seeds, noise_step,
-                state.head_settings, x_before, cand_pos, count, state.rule_value, state.commit)
+        hidden, _ = _forward(state, strategy, plan, decoder)
+        noise_step = torch.tensor(state.noise_step, device=cand_pos.device)
+        state.x, transfer, conf = capture.compiled_head_and_commit(state.model)(
+            state.capture_stats, hidden, plan.fed_idx, source, cand_valid, offsets, state.row_seeds, noise_step,
+            state.head_settings, x_before, cand_pos, count, state.rule_value, state.commit)
         strategy.after_step(state, StepOutcome(plan.fed_idx, cand_pos, cand_valid, conf, transfer, x_before))
         return True
     if state.capture_mode == "aot":
-        logits, decodable, x0, conf = _aot_forward_and_head(state, plan, decoder, source, cand_valid, offsets)
+        logits, decodable, x0, conf = _aot_forward_and_head(state, plan, decoder, cand_pos, cand_valid)
     else:
         hidden, shadow = _forward(state, strategy, plan, decoder)
         if opts.full_logits or opts.generation_logits_hook_func or opts.generation_tokens_hook_func:
@@ -445,19 +446,33 @@ def _forward(state: DecodeState, strategy: caches.CacheStrategy, plan: caches.St
     return hidden, None
 
 
-def _aot_forward_and_head(state: DecodeState, plan: caches.StepPlan, decoder: Decoder, source: torch.Tensor,
-                          cand_valid: torch.Tensor, offsets: torch.Tensor, cand_pos: torch.Tensor | None = None,
-                          count: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def _aot_forward_and_head(state: DecodeState, plan: caches.StepPlan, decoder: Decoder, cand_pos: torch.Tensor,
+                          cand_valid: torch.Tensor, count: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """compile="aot": the forward and the head as one AOTInductor call (see :mod:`dkvcache.aot`); with
     ``state.commit`` the vanilla choice and the write too (then ``cand_pos`` and ``count`` are given)."""
-    ids, positions, key_valid, _, _, kv = _model_inputs(state, plan, decoder)
+    ids, positions, key_valid, _, extension, kv = _model_inputs(state, plan, decoder)
     noise_step = torch.tensor(state.noise_step, device=ids.device)
+    rotary = _rotary_tables(state, positions, extension is not None)
+    if state.prompt_length_data is None:
+        state.prompt_length_data = torch.tensor(state.prompt_length, device=ids.device)
     with _forward_scope():
-        out = aot.aot_step(state.model)(state.capture_stats, ids, positions, key_valid, plan.fed_idx, kv, source,
-                                        cand_valid, offsets, state.row_seeds, noise_step, state.head_settings,
-                                        state.commit, cand_pos, count, state.rule_value)
+        out = aot.aot_step(state.model)(state.capture_stats, ids, positions, key_valid, plan.fed_idx, kv, rotary,
+                                        cand_pos, cand_valid, state.prompt_length_data, state.row_seeds, noise_step,
+                                        state.head_settings, state.commit, count, state.rule_value)
     _count_forward(state, ids, plan)
     return out
+
+
+def _rotary_tables(state: DecodeState, positions: torch.Tensor, extended: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of every position of the forward, for the AOT step. Computed once per call (positions never move;
+    with classifier-free guidance both halves share them); per step only when a decoder appends tokens (their
+    positions follow the block). Inside the package they would be recomputed in every layer's fused kernels."""
+    model = state.model
+    if extended:
+        return rotary_cos_sin(positions, model._head_dim, model._rope_theta)
+    if state.rotary is None or state.rotary[0].shape[:2] != positions.shape:
+        state.rotary = rotary_cos_sin(positions, model._head_dim, model._rope_theta)
+    return state.rotary
 
 
 def _logits_everywhere(state: DecodeState, hidden: torch.Tensor, plan: caches.StepPlan,

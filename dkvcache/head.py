@@ -39,6 +39,15 @@ def combine_cfg(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     return uncond + (cfg_scale + 1) * (cond - uncond)
 
 
+def candidate_sources(cand_pos: torch.Tensor, cand_valid: torch.Tensor, prompt_length: int | torch.Tensor,
+                      s: HeadSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source, offsets) of the candidates (B, m): the position whose logits predict each (its left neighbour
+    under Dream's logit shift; padding entries point at the scratch slot L) and its offset in the generated
+    region (what the sampling noise is keyed by). ``prompt_length`` may be a 0-d tensor (a compiled step's data)."""
+    source = cand_pos - 1 if s.family.shift_logits else cand_pos
+    return torch.where(cand_valid, source, s.length), (cand_pos - prompt_length).clamp(min=0)
+
+
 def candidate_logits(model, hidden: torch.Tensor, fed_idx: torch.Tensor | None, source: torch.Tensor,
                      cand_valid: torch.Tensor, s: HeadSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (B, m, V) computed only at the candidates' source positions (B, m), and which are decodable.

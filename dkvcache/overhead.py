@@ -132,18 +132,20 @@ def recorded_forwards(model: Any) -> Iterator[list[tuple[int, int, int]]]:
 
 def compute_floor_ms(model: Any, batch: int, fed: int, keys: int, repeats: int = 20) -> float:
     """ms of the layer stack's irreducible kernels at one forward shape: every layer's matmuls (each
-    ``nn.Linear`` on random (batch, fed, in) inputs) and its attention (SDPA, ``fed`` queries over ``keys``).
-    What a step would cost with no overhead at all: no norms, rotary, masks, gathers, sampler or Python."""
+    ``nn.Linear`` on random (batch, fed, in) inputs, from an in × out copy of its weight: the faster CPU layout,
+    :mod:`dkvcache.kn_linear`) and its attention (SDPA, ``fed`` queries over ``keys``). What a step would cost
+    with no overhead at all: no norms, rotary, masks, gathers, sampler or Python."""
     heads, kv_heads, head_dim = model.config.num_attention_heads, model._n_kv_heads, model._head_dim
     dtype = next(model.parameters()).dtype
-    weights = [m.weight for m in model._layers().modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {w.shape[1]: torch.randn(batch, fed, w.shape[1], dtype=dtype) for w in weights}
+    weights = [m.weight.detach().t().contiguous() for m in model._layers().modules()
+               if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[0]: torch.randn(batch, fed, w.shape[0], dtype=dtype) for w in weights}
     q = torch.randn(batch, heads, fed, head_dim, dtype=dtype)
     k = torch.randn(batch, kv_heads, keys, head_dim, dtype=dtype)
 
     def kernels() -> None:
         for weight in weights:
-            torch.nn.functional.linear(inputs[weight.shape[1]], weight)
+            torch.matmul(inputs[weight.shape[0]], weight)
         for _ in range(model.num_layers):
             torch.nn.functional.scaled_dot_product_attention(q, k, k, enable_gqa=heads != kv_heads)
 

@@ -274,7 +274,8 @@ def layer_forward(layer: nn.Module, hidden: torch.Tensor, ctx: ForwardContext, i
 def run_layers(layers: nn.ModuleList, hidden: torch.Tensor, ctx: ForwardContext, head_dim: int,
                theta: float) -> torch.Tensor:
     """Run every layer over the fed tokens; a strategy's layer hook replaces the standard block when set."""
-    ctx.cos, ctx.sin = rotary_cos_sin(ctx.positions, head_dim, theta)
+    if ctx.cos is None:
+        ctx.cos, ctx.sin = rotary_cos_sin(ctx.positions, head_dim, theta)
     for index, layer in enumerate(layers):
         if ctx.layer_hook is not None:
             hidden = ctx.layer_hook(index, layer, hidden, ctx)
@@ -322,7 +323,8 @@ class PartialForwardMixin:
     def partial_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
                         fed_idx: torch.Tensor | None = None, kv: KVBuffers | None = None,
                         layer_hook: LayerHook | None = None, want_attn_probs: bool = False,
-                        attn_probs_out: list | None = None, extra_mask: torch.Tensor | None = None) -> torch.Tensor:
+                        attn_probs_out: list | None = None, extra_mask: torch.Tensor | None = None,
+                        rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Run the fed positions through the model; return their hidden states before the final norm.
 
         input_ids, positions, key_valid: (B, L) for the whole sequence.
@@ -331,9 +333,13 @@ class PartialForwardMixin:
             attends over all buffered keys. None = a plain forward over the fed tokens only (needs fed_idx=None).
         extra_mask: optional (B or 1, n, L) bool, which keys each fed query may see, ANDed with key_valid
             (default None: the key-padding mask alone, the fast path).
+        rotary: optional (cos, sin) of every position, (B, L, head_dim), as :func:`rotary_cos_sin` gives them
+            for ``positions``; the fed rows are gathered instead of recomputed (a compiled step passes them:
+            inductor would otherwise recompute the angles inside every layer's fused kernels).
         Returns (B, n, hidden) or (B, L, hidden).
         """
         length = input_ids.shape[1]
+        cos, sin = rotary if rotary is not None else (None, None)
         if fed_idx is None:
             ids, pos = input_ids, positions
         else:
@@ -341,6 +347,9 @@ class PartialForwardMixin:
                 raise ValueError("partial_forward: fed_idx needs kv buffers (pass kv=model.allocate_kv(...))")
             gather_idx = fed_idx.clamp(max=length - 1)
             ids, pos = input_ids.gather(1, gather_idx), positions.gather(1, gather_idx)
+            if rotary is not None:
+                rows = gather_idx[..., None].expand(-1, -1, cos.shape[-1])
+                cos, sin = cos.gather(1, rows), sin.gather(1, rows)
         if kv is not None:
             keys_ok = torch.cat([key_valid, key_valid.new_zeros(key_valid.shape[0], 1)], dim=1)
             if extra_mask is not None:  # the scratch slot is never attended
@@ -348,7 +357,7 @@ class PartialForwardMixin:
         else:
             keys_ok = key_valid
         ctx = ForwardContext(positions=pos, fed_idx=fed_idx, key_valid=keys_ok, kv=kv, layer_hook=layer_hook,
-                             want_attn_probs=want_attn_probs, extra_mask=extra_mask)
+                             want_attn_probs=want_attn_probs, extra_mask=extra_mask, cos=cos, sin=sin)
         hidden = run_layers(self._layers(), self._embed(ids), ctx, self._head_dim, self._rope_theta)
         if attn_probs_out is not None:  # for analysis; a layer hook may consume them first (d2Cache does)
             attn_probs_out.extend(ctx.attn_probs)

@@ -79,6 +79,12 @@ def test_aot_builds_one_package_per_call_signature(models, aot_eager, family):
     assert first.stats["compiled_shapes"] == 1 and first.stats["compile_s"] > 0
     assert again.stats["compiled_shapes"] == 0 and again.stats["compile_s"] == 0.0
     assert _gen(model, ids, mask, compile=True, **sampling).stats["compiled_shapes"] == 1  # no K/V: its own
+    threads = torch.get_num_threads()
+    try:  # kernels built for one thread are serial: another thread count gets its own package
+        torch.set_num_threads(threads + 1)
+        assert _gen(model, ids, mask, compile=True, **sampling, **CAPTURED["dual"]).stats["compiled_shapes"] == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("mode", ["aot", "inductor"])
@@ -339,6 +345,24 @@ def test_at_most_one_host_read_per_step(models, family, strategy):
     # everything else is the step's one read
     per_call = 9 + (strategy.startswith("dllm") or strategy == "wino")
     assert reads.count <= out.stats["steps"] + per_call, reads.count
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_aot_step_computes_the_rotary_tables_once_per_call(models, aot_eager, monkeypatch, family):
+    """The AOT step is given cos/sin of every position, computed once per call (with and without classifier-free
+    guidance) rather than once per layer inside the package; the tokens stay the eager ones."""
+    from dkvcache import generation
+
+    calls = []
+    original = generation.rotary_cos_sin
+    monkeypatch.setattr(generation, "rotary_cos_sin", lambda *a: calls.append(a[0].shape) or original(*a))
+    model = models[family]
+    ids, mask = left_pad(PROMPTS)
+    for extra in (CAPTURED["decoded"], {"cfg_scale": 1.0}):  # guidance runs without a cache
+        calls.clear()
+        compiled = _gen(model, ids, mask, compile=True, **extra)
+        assert torch.equal(compiled.sequences, _gen(model, ids, mask, **extra).sequences)
+        assert calls == [(ids.shape[0] * (2 if "cfg_scale" in extra else 1), ids.shape[1] + 12)], calls
 
 
 def test_host_read_counter_counts():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dkvcache.caches.dkv import cacheable, uncacheable
 from tests.conftest import left_pad, random_prompts, tiny_dream, tiny_llada
 
 PROMPTS = [random_prompts(1, 9, seed=21)[0], random_prompts(1, 4, seed=22)[0], random_prompts(1, 7, seed=23)[0]]
@@ -213,3 +214,17 @@ def test_gqa_and_deeper_models_cache_exactly_at_refresh_every_step():
         plain = model.diffusion_generate(ids, **common)
         cached = model.diffusion_generate(ids, use_cache=True, cache_type="decoded", cache_steps=1, **common)
         assert torch.equal(plain, cached)
+
+
+@pytest.mark.parametrize("shift_type", ["un", "un_right", "right"])
+@pytest.mark.parametrize("initial", [False, True])
+def test_uncacheable_is_the_complement_of_the_shift_rule(shift_type, initial):
+    """What a cached step feeds, computed directly, equals the complement of the documented rule C (and, before
+    step 0, the originals' plain left shift at the last slot)."""
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        decoded = torch.rand(3, 9, generator=generator) < 0.5
+        cached = cacheable(decoded, shift_type)
+        if initial and shift_type != "right":
+            cached[:, -1] = decoded[:, -1]
+        assert torch.equal(uncacheable(~decoded, shift_type, initial=initial), ~cached)

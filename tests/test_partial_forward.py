@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dkvcache.indexing import ragged_indices, slots_of
-from dkvcache.partial_forward import layer_forward, positions_from_mask
+from dkvcache.partial_forward import layer_forward, positions_from_mask, rotary_cos_sin
 from tests.conftest import left_pad, random_prompts, tiny_dream, tiny_llada
 
 BUILDERS = [tiny_dream, tiny_llada]
@@ -100,3 +100,22 @@ def test_partial_forward_needs_buffers_for_a_subset():
     ids, positions, key_valid = _padded_batch()
     with pytest.raises(ValueError, match="kv"):
         model.partial_forward(ids, positions, key_valid, fed_idx=torch.zeros(3, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("builder", BUILDERS)
+def test_rotary_tables_give_the_same_forward(builder):
+    """cos/sin tables of every position (what the AOT step passes, computed once per call) give the forward that
+    computes them from the fed positions: bit for bit, whole sequence and a ragged subset."""
+    model = builder(layers=2)
+    ids, positions, key_valid = _padded_batch()
+    batch, length = ids.shape
+    tables = rotary_cos_sin(positions, model._head_dim, model._rope_theta)
+    chosen = (torch.rand(batch, length, generator=torch.Generator().manual_seed(4)) < 0.5) & key_valid
+    fed_idx, _ = ragged_indices(chosen, pad_value=length)
+    with torch.no_grad():
+        assert torch.equal(model.partial_forward(ids, positions, key_valid, rotary=tables),
+                           model.partial_forward(ids, positions, key_valid))
+        assert torch.equal(
+            model.partial_forward(ids, positions, key_valid, fed_idx=fed_idx, kv=model.allocate_kv(batch, length),
+                                  rotary=tables),
+            model.partial_forward(ids, positions, key_valid, fed_idx=fed_idx, kv=model.allocate_kv(batch, length)))

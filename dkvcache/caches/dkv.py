@@ -7,6 +7,7 @@ Every variant only decides which positions are fed; the others' K/V come from th
 Timeline of ``decoded`` (the one-step delay): a token decoded at step t is fed at t+1 with its identity visible,
 and read from the cache from t+2 until the next refresh. In buffer form: feed ``~prv``; after the step
 ``prv ← C``, ``C ← rule(x)``. Positions that enter the cache keep the K/V computed while they were last fed.
+(The code keeps the complements, ``~C`` and ``~prv``: what a step feeds, in fewer ops a step.)
 
 Variants (dKV-Cache paper §3 and its code):
   decoded  refresh (full forward) every ``cache_steps`` steps. Dream counts steps over the whole call; LLaDA
@@ -58,12 +59,19 @@ def cacheable(decoded: torch.Tensor, shift_type: str) -> torch.Tensor:
     return both
 
 
-def _initial_cacheable(decoded: torch.Tensor, shift_type: str) -> torch.Tensor:
-    """Before step 0 the originals use the plain left shift for the last slot (no wrap-around)."""
-    c = cacheable(decoded, shift_type)
-    if shift_type != "right":
-        c[:, -1] = decoded[:, -1]
-    return c
+def uncacheable(masked: torch.Tensor, shift_type: str, initial: bool = False) -> torch.Tensor:
+    """``~cacheable(~masked, shift_type)`` (what a cached step feeds), in 0–4 ops instead of 8: with
+    m = ``masked``, ~C[j] = m[j] (right), m[j+1] (un), m[j] or m[j+1] (un_right), the same wrap at L−1.
+    ``initial``: before step 0 the originals use the plain left shift for the last slot (no wrap-around)."""
+    if shift_type == "right":
+        return masked
+    feed = masked.roll(-1, dims=1)
+    if shift_type == "un_right":
+        feed = feed | masked
+        feed[:, -1] = feed[:, -2]
+    if initial:
+        feed[:, -1] = masked[:, -1]
+    return feed
 
 
 
@@ -78,8 +86,8 @@ class _ShiftRuleCache(CacheStrategy):
         super().__init__(**options)
         self.cache_steps = cache_steps or self.default_steps
         self.shift_type = shift_type
-        self.cache: torch.Tensor | None = None  # C
-        self.cached_now: torch.Tensor | None = None  # prv
+        self.feed_next: torch.Tensor | None = None  # ~C
+        self.feed_now: torch.Tensor | None = None  # ~prv (None: no cache yet, a full forward)
 
     @classmethod
     def check(cls, options: dict, family: str, opts: GenerationOptions) -> None:
@@ -100,12 +108,12 @@ class _ShiftRuleCache(CacheStrategy):
     def begin(self, state: DecodeState) -> None:
         if self.shift_type is None:
             self.shift_type = "un_right" if state.family.shift_logits else "right"
-        self.cache = _initial_cacheable(~state.masked(), self.shift_type)
-        self.cached_now = None
+        self.feed_next = uncacheable(state.masked(), self.shift_type, initial=True)
+        self.feed_now = None
 
     def after_step(self, state: DecodeState, outcome: StepOutcome) -> None:
-        self.cached_now = self.cache
-        self.cache = cacheable(~state.masked(), self.shift_type)
+        self.feed_now = self.feed_next
+        self.feed_next = uncacheable(state.masked(), self.shift_type)
 
     def stats(self) -> dict:
         return {**super().stats(), "cache_steps": self.cache_steps, "shift_type": self.shift_type}
@@ -134,8 +142,8 @@ class DecodedCache(_ShiftRuleCache):
 
     def begin_block(self, state: DecodeState) -> None:
         if self.llada_timeline:  # the original LLaDA sampler starts every block without a cache
-            self.cache = _initial_cacheable(~state.masked(), self.shift_type)
-            self.cached_now = None
+            self.feed_next = uncacheable(state.masked(), self.shift_type, initial=True)
+            self.feed_now = None
 
     def _step_index(self, state: DecodeState) -> int:
         # Counted within the block (Dream's single block: the original's global count), so every block starts
@@ -150,10 +158,10 @@ class DecodedCache(_ShiftRuleCache):
             full = i <= 1 or i % self.cache_steps == 0
         else:
             full = i % self.cache_steps == 0
-        if full or self.cached_now is None:
-            self.cached_now = None
+        if full or self.feed_now is None:
+            self.feed_now = None
             return StepPlan(fed_idx=None, use_kv=True, refresh=True)
-        return StepPlan(fed_mask=~self.cached_now, use_kv=True)
+        return StepPlan(fed_mask=self.feed_now, use_kv=True)
 
 
 def _prompt_part(state: DecodeState) -> torch.Tensor:
@@ -193,13 +201,13 @@ class PrefillDecodedCache(_ShiftRuleCache):
 
     def plan(self, state: DecodeState) -> StepPlan:
         if state.global_step == 0:
-            self.cached_now = None
+            self.feed_now = None
             return StepPlan(fed_idx=None, use_kv=True, refresh=True)
         # refreshes counted within the block, so each block starts with one (see DecodedCache._step_index)
-        if state.step_in_block % self.cache_steps == 0 or self.cached_now is None:
-            self.cached_now = None
+        if state.step_in_block % self.cache_steps == 0 or self.feed_now is None:
+            self.feed_now = None
             return StepPlan(fed_mask=~self.prompt_part, use_kv=True, refresh=True)
-        return StepPlan(fed_mask=~self.cached_now, use_kv=True)
+        return StepPlan(fed_mask=self.feed_now, use_kv=True)
 
 
 def _set_where(mask: torch.Tensor, positions: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
