@@ -56,12 +56,13 @@ class StepGraph(nn.Module):
     inputs."""
 
     def __init__(self, model: nn.Module, settings: HeadSettings, with_kv: bool,
-                 commit_settings: CommitSettings | None = None) -> None:
+                 commit_settings: CommitSettings | None = None, all_keys_valid: bool = False) -> None:
         super().__init__()
         self.model = model  # a submodule, so export lifts the weights as named parameters
         self.settings = settings
         self.with_kv = with_kv
         self.commit_settings = commit_settings
+        self.all_keys_valid = all_keys_valid
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
                 fed_idx: torch.Tensor | None, keys: list[torch.Tensor], values: list[torch.Tensor],
@@ -69,7 +70,8 @@ class StepGraph(nn.Module):
                 prompt_length: torch.Tensor, row_seeds: torch.Tensor, noise_step: torch.Tensor,
                 count: torch.Tensor | None = None, rule_value: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         kv = KVBuffers.wrap(keys, values) if self.with_kv else None
-        hidden = self.model.partial_forward(ids, positions, key_valid, fed_idx=fed_idx, kv=kv, rotary=(cos, sin))
+        hidden = self.model.partial_forward(ids, positions, key_valid, fed_idx=fed_idx, kv=kv, rotary=(cos, sin),
+                                            all_keys_valid=self.all_keys_valid)
         source, offsets = candidate_sources(cand_pos, cand_valid, prompt_length, self.settings)
         if self.commit_settings is None:
             return step_head(self.model, hidden, fed_idx, source, cand_valid, offsets, row_seeds, noise_step,
@@ -105,11 +107,12 @@ class AOTStep:
                  cand_pos: torch.Tensor, cand_valid: torch.Tensor, prompt_length: torch.Tensor,
                  row_seeds: torch.Tensor, noise_step: torch.Tensor, settings: HeadSettings,
                  commit_settings: CommitSettings | None = None, count: torch.Tensor | None = None,
-                 rule_value: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                 rule_value: torch.Tensor | None = None, all_keys_valid: bool = False) -> tuple[torch.Tensor, ...]:
         """(logits, decodable, proposals, confidences) of the candidates, K/V buffers updated in place (``rotary``:
         cos/sin of every position, :func:`dkvcache.partial_forward.rotary_cos_sin` of ``positions``); with
         ``commit_settings`` (and ``count``, ``rule_value``): (new sequences, transfer, confidences).
-        ``prompt_length``: a 0-d tensor (data, so one package serves every prompt length)."""
+        ``prompt_length``: a 0-d tensor (data, so one package serves every prompt length). ``all_keys_valid``:
+        no row is padded (``key_valid`` all True), so the package attends without a mask (its own build)."""
         if kv is not None and fed_idx is None:  # a full forward through the buffers: every position, in order
             fed_idx = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
         keys, values = (kv.keys, kv.values) if kv is not None else ([], [])
@@ -123,12 +126,13 @@ class AOTStep:
         if commit_settings is not None:
             args += (_dense(count), rule_value)
         # inductor writes serial kernels when built at one thread and OpenMP ones for more: a package per count
-        signature = (tuple(ids.shape), ids.device, kv is not None, settings, commit_settings, torch.get_num_threads())
+        signature = (tuple(ids.shape), ids.device, kv is not None, settings, commit_settings, all_keys_valid,
+                     torch.get_num_threads())
         runner = self.runners.get(signature)
         if runner is None:
             start = time.perf_counter()
             try:
-                runner, loaded = self._build(args, settings, kv is not None, commit_settings)
+                runner, loaded = self._build(args, settings, kv is not None, commit_settings, all_keys_valid)
             except Exception as error:  # inductor raises several types (compiler missing, codegen, export)
                 first = str(error).strip().splitlines()[0] if str(error).strip() else ""
                 raise RuntimeError(
@@ -141,9 +145,9 @@ class AOTStep:
             stats[counter] = stats.get(counter, 0) + 1
         return runner(*args)
 
-    def _build(self, args: tuple, settings: HeadSettings, with_kv: bool,
-               commit_settings: CommitSettings | None) -> Any:
-        graph = StepGraph(self.model, settings, with_kv, commit_settings)
+    def _build(self, args: tuple, settings: HeadSettings, with_kv: bool, commit_settings: CommitSettings | None,
+               all_keys_valid: bool) -> Any:
+        graph = StepGraph(self.model, settings, with_kv, commit_settings, all_keys_valid)
         cand = torch.export.Dim("candidates", min=MIN_WIDTH, max=args[0].shape[1])
         fed = {1: torch.export.Dim("fed", min=MIN_WIDTH, max=args[0].shape[1])} if args[3] is not None else None
         kv_spec = [None] * len(args[4])

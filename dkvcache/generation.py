@@ -453,12 +453,14 @@ def _aot_forward_and_head(state: DecodeState, plan: caches.StepPlan, decoder: De
     ids, positions, key_valid, _, extension, kv = _model_inputs(state, plan, decoder)
     noise_step = torch.tensor(state.noise_step, device=ids.device)
     rotary = _rotary_tables(state, positions, extension is not None)
-    if state.prompt_length_data is None:
+    if state.prompt_length_data is None:  # per call: the prompt length as data, and whether any key is padding
         state.prompt_length_data = torch.tensor(state.prompt_length, device=ids.device)
+        state.unpadded = bool(state.key_valid.all())
     with _forward_scope():
         out = aot.aot_step(state.model)(state.capture_stats, ids, positions, key_valid, plan.fed_idx, kv, rotary,
                                         cand_pos, cand_valid, state.prompt_length_data, state.row_seeds, noise_step,
-                                        state.head_settings, state.commit, count, state.rule_value)
+                                        state.head_settings, state.commit, count, state.rule_value,
+                                        all_keys_valid=state.unpadded and extension is None)
     _count_forward(state, ids, plan)
     return out
 

@@ -158,6 +158,8 @@ class ForwardContext:
     kv:         buffers to write fresh K/V into and attend over; None = attend over the fed tokens only.
     want_attn_probs: record softmax attention probabilities of the fed queries (per layer, (B, H, n, Lk)).
     extra_mask: optional (B or 1, n, Lk) per-query key mask ANDed with key_valid (WINO's leave-one-out shadow).
+    all_keys_valid: the caller guarantees key_valid is True for every real position (no padding, no extra
+        mask): attention then runs over the sequence's keys without a mask (SDPA's faster unmasked path).
     """
 
     positions: torch.Tensor
@@ -170,6 +172,7 @@ class ForwardContext:
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     extra_mask: torch.Tensor | None = None
+    all_keys_valid: bool = False
     # Per-forward tables shared by every layer (built once, not once per layer): rotary cos/sin per work dtype
     # as (B, 1, n, D), and the attention mask (B, 1, 1 or n, Lk).
     cache: dict = field(default_factory=dict)
@@ -205,9 +208,10 @@ class ForwardContext:
         return self.cache[("additive", dtype)]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               want_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Bidirectional attention of q (B, H, n, D) over k/v (B, Hkv, Lk, D) with a key mask (B, 1, 1 or n, Lk).
+    """Bidirectional attention of q (B, H, n, D) over k/v (B, Hkv, Lk, D) with a key mask (B, 1, 1 or n, Lk), or
+    none when every key may be attended (not with ``want_probs``).
 
     Only keys are masked, never query rows, so no row is ever fully masked (no NaN from pad rows).
     With ``want_probs`` the probabilities are computed explicitly for these queries (d2Cache's rollout needs
@@ -241,7 +245,11 @@ def attention_sublayer(layer: nn.Module, normed: torch.Tensor, ctx: ForwardConte
     k = apply_rotary(k, cos, sin, layer.rotate_in_model_dtype)
     if ctx.kv is not None:
         k, v = ctx.kv.update(index, ctx.scatter_index(k), k, v)
-    mask = ctx.attn_mask(None if ctx.want_attn_probs else q.dtype)
+    if ctx.all_keys_valid:  # nothing to mask but the scratch slot, which is left out
+        keys = ctx.kv.length if ctx.kv is not None else k.shape[2]
+        k, v, mask = k[:, :, :keys], v[:, :, :keys], None
+    else:
+        mask = ctx.attn_mask(None if ctx.want_attn_probs else q.dtype)
     out, probs = attention(q, k, v, mask, ctx.want_attn_probs)
     if probs is not None:
         ctx.attn_probs.append(probs)
@@ -324,7 +332,8 @@ class PartialForwardMixin:
                         fed_idx: torch.Tensor | None = None, kv: KVBuffers | None = None,
                         layer_hook: LayerHook | None = None, want_attn_probs: bool = False,
                         attn_probs_out: list | None = None, extra_mask: torch.Tensor | None = None,
-                        rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        all_keys_valid: bool = False) -> torch.Tensor:
         """Run the fed positions through the model; return their hidden states before the final norm.
 
         input_ids, positions, key_valid: (B, L) for the whole sequence.
@@ -336,8 +345,14 @@ class PartialForwardMixin:
         rotary: optional (cos, sin) of every position, (B, L, head_dim), as :func:`rotary_cos_sin` gives them
             for ``positions``; the fed rows are gathered instead of recomputed (a compiled step passes them:
             inductor would otherwise recompute the angles inside every layer's fused kernels).
+        all_keys_valid: the caller guarantees ``key_valid`` is all True (no padding); attention then runs
+            without a mask (an AOT step built for unpadded inputs passes it). Not with ``extra_mask`` or
+            ``want_attn_probs``.
         Returns (B, n, hidden) or (B, L, hidden).
         """
+        if all_keys_valid and (extra_mask is not None or want_attn_probs):
+            raise ValueError("partial_forward: all_keys_valid=True runs attention without a mask; it cannot be "
+                             "combined with extra_mask or want_attn_probs")
         length = input_ids.shape[1]
         cos, sin = rotary if rotary is not None else (None, None)
         if fed_idx is None:
@@ -357,7 +372,8 @@ class PartialForwardMixin:
         else:
             keys_ok = key_valid
         ctx = ForwardContext(positions=pos, fed_idx=fed_idx, key_valid=keys_ok, kv=kv, layer_hook=layer_hook,
-                             want_attn_probs=want_attn_probs, extra_mask=extra_mask, cos=cos, sin=sin)
+                             want_attn_probs=want_attn_probs, extra_mask=extra_mask, cos=cos, sin=sin,
+                             all_keys_valid=all_keys_valid)
         hidden = run_layers(self._layers(), self._embed(ids), ctx, self._head_dim, self._rope_theta)
         if attn_probs_out is not None:  # for analysis; a layer hook may consume them first (d2Cache does)
             attn_probs_out.extend(ctx.attn_probs)

@@ -56,6 +56,7 @@ class DecodeState:
     # per-call inputs of the AOT step: cos/sin of every position (generation._rotary_tables), the prompt length
     rotary: tuple | None = None
     prompt_length_data: torch.Tensor | None = None
+    unpadded: bool = False  # no key is padding (set with prompt_length_data)
     capture_stats: dict = field(default_factory=dict)  # compile time of new shapes, excluded from wall time
 
     @property

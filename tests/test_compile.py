@@ -63,6 +63,19 @@ def test_compiled_equals_eager(models, aot_eager, family, strategy, mode):
 
 
 @pytest.mark.parametrize("family", MODELS)
+def test_aot_step_on_unpadded_prompts(models, aot_eager, family):
+    """Prompts of one length: the AOT step is built to attend without a mask, and gives the eager tokens."""
+    model = models[family]
+    ids = torch.cat([random_prompts(1, 6, seed=61), random_prompts(1, 6, seed=62)])
+    for strategy in ("none", "decoded", "dual"):
+        for extra in ({}, {"threshold": THRESHOLD[family]}):
+            eager = _gen(model, ids, **CAPTURED[strategy], **extra)
+            compiled = _gen(model, ids, compile=True, **CAPTURED[strategy], **extra)
+            assert torch.equal(eager.sequences, compiled.sequences), (strategy, extra)
+    assert any(signature[5] for signature in aot.aot_step(model).runners)  # the unmasked build ran
+
+
+@pytest.mark.parametrize("family", MODELS)
 def test_aot_builds_one_package_per_call_signature(models, aot_eager, family):
     """compile=True on CPU is the AOT step: fed and candidate widths are dynamic, so a call builds one package
     (a cached strategy's full forwards included), a second call with the same shapes and settings none, and a

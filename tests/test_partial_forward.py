@@ -119,3 +119,26 @@ def test_rotary_tables_give_the_same_forward(builder):
             model.partial_forward(ids, positions, key_valid, fed_idx=fed_idx, kv=model.allocate_kv(batch, length),
                                   rotary=tables),
             model.partial_forward(ids, positions, key_valid, fed_idx=fed_idx, kv=model.allocate_kv(batch, length)))
+
+
+@pytest.mark.parametrize("builder", BUILDERS)
+def test_unmasked_attention_when_no_key_is_padding(builder):
+    """``all_keys_valid``: an unpadded batch attends without a mask (the scratch slot left out) and gets the
+    masked forward's hidden states, whole sequence and a subset through buffers."""
+    model = builder(layers=2)
+    ids = torch.cat([random_prompts(1, 11, seed=5), random_prompts(1, 11, seed=6)])
+    batch, length = ids.shape
+    key_valid = torch.ones_like(ids, dtype=torch.bool)
+    positions = positions_from_mask(key_valid)
+    fed_idx, _ = ragged_indices(torch.rand(batch, length, generator=torch.Generator().manual_seed(7)) < 0.5,
+                                pad_value=length)
+    with torch.no_grad():
+        torch.testing.assert_close(model.partial_forward(ids, positions, key_valid, all_keys_valid=True),
+                                   model.partial_forward(ids, positions, key_valid), rtol=0, atol=1e-12)
+        for fed in (None, fed_idx):
+            unmasked = model.partial_forward(ids, positions, key_valid, fed_idx=fed,
+                                             kv=model.allocate_kv(batch, length), all_keys_valid=True)
+            masked = model.partial_forward(ids, positions, key_valid, fed_idx=fed, kv=model.allocate_kv(batch, length))
+            torch.testing.assert_close(unmasked, masked, rtol=0, atol=1e-12)
+        with pytest.raises(ValueError, match="all_keys_valid"):
+            model.partial_forward(ids, positions, key_valid, all_keys_valid=True, want_attn_probs=True)
