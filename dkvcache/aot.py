@@ -6,12 +6,14 @@ runs Python around its kernels (dynamo's guard check, inductor's wrapper, the ru
 the shipped tiny checkpoints that is as long as the kernels themselves. An AOTInductor package has no Python
 between kernels — the CPU counterpart of replaying a CUDA graph.
 
-One package per (batch, length, K/V buffers or not, head settings, commit settings, threads): the fed width ``n`` and
-the candidate width ``m`` are dynamic dimensions (at least 2: the loop pads narrower sets with scratch entries),
-so a call builds one package, not one per shape. (Specialising the fed width measured no faster over a whole
-step: dual 2.04 vs 2.11 ms, decoded 2.60 vs 2.40 with its bucketed widths, for 2–5 packages.) With the plain
-vanilla rule the package also chooses and writes the step's tokens (:mod:`dkvcache.commit`). A full forward
-with K/V buffers is fed as ``fed_idx = arange(L)``, which computes exactly what ``fed_idx=None`` does.
+One package per (batch, length, K/V buffers or not, head settings, commit settings, padded rows or not,
+threads): the fed width ``n`` and the candidate width ``m`` are dynamic dimensions (at least 2: the loop pads
+narrower sets with scratch entries), so a call builds one package, not one per shape. (Specialising the fed
+width measured no faster over a whole step: dual 2.04 vs 2.11 ms, decoded 2.60 vs 2.40 with its bucketed
+widths, for 2–5 packages.) With the plain vanilla rule the package also chooses and writes the step's tokens
+(:mod:`dkvcache.commit`). A full forward with K/V buffers is fed as ``fed_idx = arange(L)``, which computes
+exactly what ``fed_idx=None`` does. The rotary angles of every position come in once per call, and a call
+without padded rows gets a package that attends without a mask.
 
 The weights are not copied into a package: it reads the model's own parameters (``user_managed`` constants), so
 they stay shared and a large model is never written to disk. The one exception is in memory: while the linear
