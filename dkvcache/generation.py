@@ -449,7 +449,7 @@ def _forward(state: DecodeState, strategy: caches.CacheStrategy, plan: caches.St
 def _aot_forward_and_head(state: DecodeState, plan: caches.StepPlan, decoder: Decoder, cand_pos: torch.Tensor,
                           cand_valid: torch.Tensor, count: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """compile="aot": the forward and the head as one AOTInductor call (see :mod:`dkvcache.aot`); with
-    ``state.commit`` the vanilla choice and the write too (then ``cand_pos`` and ``count`` are given)."""
+    ``state.commit`` the vanilla choice and the write too (then the schedule's ``count`` is given)."""
     ids, positions, key_valid, _, extension, kv = _model_inputs(state, plan, decoder)
     noise_step = torch.tensor(state.noise_step, device=ids.device)
     rotary = _rotary_tables(state, positions, extension is not None)
