@@ -238,6 +238,11 @@ def test_real_backends_compile_the_dual_step(models, family, mode, tmp_path, mon
                                    compiled.sequences), (strategy, extra)
                 built += compiled.stats["compiled_shapes"]
         assert built == 1
+        # unpadded rows: a package of its own, attending without a mask
+        same_length = torch.cat([random_prompts(1, 6, seed=63), random_prompts(1, 6, seed=64)])
+        compiled = _gen(model, same_length, compile=mode, **CAPTURED["decoded"])
+        assert torch.equal(_gen(model, same_length, **CAPTURED["decoded"]).sequences, compiled.sequences)
+        assert compiled.stats["compiled_shapes"] == 1
 
 
 def test_static_kv_pool(models):
