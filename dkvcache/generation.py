@@ -234,6 +234,8 @@ def _denoise_steps(state: DecodeState, strategy: caches.CacheStrategy, decoder: 
         else:
             if state.capture_mode == "aot":
                 aot.aot_step(state.model).check_weights()
+                state.prompt_length_data = torch.tensor(state.prompt_length, device=state.x.device)
+                state.unpadded = bool(state.key_valid.all())  # no padded key: a package without a mask
             state.commit = _commit_settings(strategy, decoder)
             state.rule_value = rule_value(opts.threshold, opts.factor, state.x.device)
     bar = tqdm(total=None if opts.rule_decides else opts.steps, desc="denoising", unit="step", leave=False,
@@ -450,31 +452,17 @@ def _aot_forward_and_head(state: DecodeState, plan: caches.StepPlan, decoder: De
                           cand_valid: torch.Tensor, count: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """compile="aot": the forward and the head as one AOTInductor call (see :mod:`dkvcache.aot`); with
     ``state.commit`` the vanilla choice and the write too (then the schedule's ``count`` is given)."""
-    ids, positions, key_valid, _, extension, kv = _model_inputs(state, plan, decoder)
+    ids, positions, key_valid, _, _, kv = _model_inputs(state, plan, decoder)
     noise_step = torch.tensor(state.noise_step, device=ids.device)
-    rotary = _rotary_tables(state, positions, extension is not None)
-    if state.prompt_length_data is None:  # per call: the prompt length as data, and whether any key is padding
-        state.prompt_length_data = torch.tensor(state.prompt_length, device=ids.device)
-        state.unpadded = bool(state.key_valid.all())
+    if state.rotary is None:  # once per call: positions never move (and no decoder extension is ever captured)
+        state.rotary = rotary_cos_sin(positions, state.model._head_dim, state.model._rope_theta)
     with _forward_scope():
-        out = aot.aot_step(state.model)(state.capture_stats, ids, positions, key_valid, plan.fed_idx, kv, rotary,
-                                        cand_pos, cand_valid, state.prompt_length_data, state.row_seeds, noise_step,
-                                        state.head_settings, state.commit, count, state.rule_value,
-                                        all_keys_valid=state.unpadded and extension is None)
+        out = aot.aot_step(state.model)(state.capture_stats, ids, positions, key_valid, plan.fed_idx, kv,
+                                        state.rotary, cand_pos, cand_valid, state.prompt_length_data,
+                                        state.row_seeds, noise_step, state.head_settings, state.commit, count,
+                                        state.rule_value, all_keys_valid=state.unpadded)
     _count_forward(state, ids, plan)
     return out
-
-
-def _rotary_tables(state: DecodeState, positions: torch.Tensor, extended: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of every position of the forward, for the AOT step. Computed once per call (positions never move;
-    with classifier-free guidance both halves share them); per step only when a decoder appends tokens (their
-    positions follow the block). Inside the package they would be recomputed in every layer's fused kernels."""
-    model = state.model
-    if extended:
-        return rotary_cos_sin(positions, model._head_dim, model._rope_theta)
-    if state.rotary is None or state.rotary[0].shape[:2] != positions.shape:
-        state.rotary = rotary_cos_sin(positions, model._head_dim, model._rope_theta)
-    return state.rotary
 
 
 def _logits_everywhere(state: DecodeState, hidden: torch.Tensor, plan: caches.StepPlan,

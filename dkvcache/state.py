@@ -53,10 +53,11 @@ class DecodeState:
     capture_blocker: str | None = None  # compile=True: why this call runs eagerly (None = captured)
     commit: Any = None  # CommitSettings when the AOT step also chooses and writes (dkvcache.commit)
     rule_value: torch.Tensor | None = None  # its threshold/factor as data (dkvcache.commit.rule_value)
-    # per-call inputs of the AOT step: cos/sin of every position (generation._rotary_tables), the prompt length
+    # per-call inputs of the AOT step: cos/sin of every position of its forward (inside the package they would
+    # be recomputed in every layer's fused kernels), the prompt length as data, whether no key is padding
     rotary: tuple | None = None
     prompt_length_data: torch.Tensor | None = None
-    unpadded: bool = False  # no key is padding (set with prompt_length_data)
+    unpadded: bool = False
     capture_stats: dict = field(default_factory=dict)  # compile time of new shapes, excluded from wall time
 
     @property
