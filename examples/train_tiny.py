@@ -34,7 +34,8 @@ and its shifted layout (position j-1 predicts token j) is that model's.
 
 ``--confidence-masks f`` (an experiment, measured and not adopted: docs/accuracy.md): a fraction f of each batch
 masks the tokens the model is least confident about with the whole response masked, the contexts a parallel
-decoder creates, instead of random ones.
+decoder creates, instead of random ones. ``--suffix-masks f`` (the same): a fraction f masks the end of the
+response instead, so the first masked token has every token before it written.
 
 Objective (masked diffusion, as LLaDA/Dream SFT): per sequence t ~ U(eps, 1] (stratified over the batch); every
 response token (the answer, the end-of-turn token and the EOS padding up to 64 tokens) is replaced by MASK with
@@ -309,12 +310,16 @@ def confidence_order_masks(model, arch: str, prompt_ids, prompt_mask, response, 
 
 
 def diffusion_loss(model, arch: str, prompt_ids, prompt_mask, response, mask_id: int, gen: torch.Generator,
-                   eps: float = 1e-3, objective: str = "bernoulli", confidence_masks: float = 0.0):
+                   eps: float = 1e-3, objective: str = "bernoulli", confidence_masks: float = 0.0,
+                   suffix_masks: float = 0.0):
     """Masked-diffusion loss of one batch (see the module docstring). Returns (loss, mean CE on masked tokens).
 
     ``objective="bernoulli"``: t ~ U(eps, 1], each response token masked with probability t, CE weighted 1/t.
     ``objective="exact"``: l ~ U{1..R}, exactly l of the R response tokens masked, CE weighted R/l -- the same
     bound in expectation (LLaDA's low-variance form) without the binomial noise in the number masked.
+    ``suffix_masks=f``: in a fraction f of the rows (the last ones) the masked tokens are instead the last ones of
+    the response, as many as the row's draw asked for: everything before the first masked token is written, the
+    context left-to-right decoding sees (an experiment, measured and not adopted: docs/accuracy.md).
     ``confidence_masks=f``: in a fraction f of the rows (the first ones after the shuffle) the masked tokens are
     instead the least confident ones (``confidence_order_masks``), as many as the row's draw asked for.
     """
@@ -339,6 +344,11 @@ def diffusion_loss(model, arch: str, prompt_ids, prompt_mask, response, mask_id:
         count = masked[:rows].sum(dim=1).clamp(min=1)
         masked[:rows] = confidence_order_masks(model, arch, prompt_ids[:rows], prompt_mask[:rows], response[:rows],
                                                mask_id, count)
+    suffix_rows = round(suffix_masks * batch)
+    if suffix_rows:  # the last rows: the row's number of masked tokens, all at the end of the response
+        count = masked[batch - suffix_rows:].sum(dim=1, keepdim=True).clamp(min=1)
+        back = torch.arange(length - 1, -1, -1, device=masked.device)  # tokens after each position
+        masked[batch - suffix_rows:] = back[None, :] < count
     noisy = torch.where(masked, torch.full_like(response, mask_id), response)
     pred = _response_logits(model, arch, prompt_ids, prompt_mask, noisy)
     ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), response.reshape(-1), reduction="none")
@@ -391,6 +401,9 @@ def parse_args(argv=None):
     ap.add_argument("--ar-steps", type=int, default=0,
                     help="Dream only: the first N of --steps train an autoregressive LM (causal attention, "
                          "next-token loss), the rest the diffusion loss: the real Dream's AR initialisation")
+    ap.add_argument("--suffix-masks", type=float, default=0.0,
+                    help="fraction of each batch whose masks are a suffix of the response (as many tokens as the "
+                         "row's draw): the written-prefix contexts decoding visits (see diffusion_loss)")
     ap.add_argument("--init", default=None,
                     help="continue from this checkpoint directory (same --arch and --task; its config replaces "
                          "--hidden/--layers/...; a fresh optimizer and LR schedule; pick a new --seed for new data)")
@@ -427,6 +440,8 @@ def parse_args(argv=None):
         ap.error("--grow-layers deepens the --init checkpoint; pass --init")
     if not 0.0 <= args.confidence_masks <= 1.0:
         ap.error(f"--confidence-masks must be a fraction in [0, 1], got {args.confidence_masks}")
+    if not 0.0 <= args.suffix_masks <= 1.0:
+        ap.error(f"--suffix-masks must be a fraction in [0, 1], got {args.suffix_masks}")
     if not 0 <= args.ar_steps < args.steps:
         ap.error(f"--ar-steps must be in [0, --steps={args.steps}), got {args.ar_steps}")
     return args
@@ -484,7 +499,8 @@ def train(args) -> dict:
             loss, ce = autoregressive_loss(model, prompt_ids, prompt_mask, response)
         else:
             loss, ce = diffusion_loss(model, args.arch, prompt_ids, prompt_mask, response, config.mask_token_id,
-                                      gen, objective=args.objective, confidence_masks=args.confidence_masks)
+                                      gen, objective=args.objective, confidence_masks=args.confidence_masks,
+                                      suffix_masks=args.suffix_masks)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

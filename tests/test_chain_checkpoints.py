@@ -147,3 +147,31 @@ def test_grow_layers_starts_as_the_same_function(arch: str) -> None:
         train_tiny.grow_layers(model, arch, 4)  # more than one new block per old one
     with pytest.raises(SystemExit):
         train_tiny.parse_args(["--arch", arch, "--out", "x", "--grow-layers", "2"])  # needs --init
+
+
+def test_commit_trace_leaves_the_output_alone_and_sees_every_state() -> None:
+    """chain_trace reads each step through the generation hook: the paths are the ones evaluate scores, a decoder
+    that never re-masks commits each of the nine states exactly once, and vanilla decoding never commits a wrong
+    one (the shipped LLaDA is 100 % right)."""
+    from dkvcache.tasks import chain_trace
+
+    model, tokenizer = chain.arith.load_model(str(MODELS["llada"]))
+    rows = chain.load_jsonl(limit=40)
+    for extra in ({}, {"alg": "maskgit_plus", "decoding": "eb_sampler"}):
+        kwargs = chain.merge_kwargs("llada", extra)
+        traced = chain_trace.trace(model, tokenizer, rows, batch_size=20, **kwargs)
+        scored = chain.evaluate(model, tokenizer, rows, batch_size=20, **kwargs)
+        assert traced.correct_rows == [p["correct"] for p in scored["predictions"]]
+        assert len(traced.commits) == len(rows) * len(chain_trace.STATE_OFFSETS) and traced.remasked == 0
+        assert sorted((c.row, c.state) for c in traced.commits) == [
+            (r, s) for r in range(len(rows)) for s in range(len(chain_trace.STATE_OFFSETS))]
+        assert all(c.ahead == 0 for c in traced.commits if c.state == 0)
+        assert all(1 <= c.ahead <= c.state for c in traced.commits if c.state > 0)
+        if not extra:
+            assert all(c.right for c in traced.commits) and all(traced.correct_rows)
+        else:  # EB-sampler commits several states a step: some composed several moves ahead
+            assert max(c.ahead for c in traced.commits) >= 3
+            for first in traced.first_errors():  # its errors are the most uncertain state of a many-state step
+                assert first.most_uncertain and first.states_this_step > 1 and first.entropy > 0.01
+    text = chain_trace.summary(traced)
+    assert text.startswith("| distance ahead |") and f"/{len(rows)} paths right" in text

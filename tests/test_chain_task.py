@@ -190,3 +190,22 @@ def test_write_test_set_reproduces_the_shipped_file(tmp_path, capsys: pytest.Cap
     assert chain.main(["--write-test-set", str(out)]) == 0
     assert out.read_bytes() == open(chain.DATA_PATH, "rb").read()
     assert f"wrote {chain.TEST_SIZE} held-out items" in capsys.readouterr().out
+
+
+def test_commit_trace_errors_and_summary() -> None:
+    from dkvcache.tasks import chain_trace
+
+    with pytest.raises(ValueError, match="--limit"):
+        chain_trace.main(["--model", "x", "--limit", "0"])
+    with pytest.raises(ValueError, match="generation_tokens_hook_func"):
+        chain_trace.trace(None, None, [], generation_tokens_hook_func=print)
+    commit = chain_trace.Commit
+    result = chain_trace.Trace(
+        commits=[commit(0, 0, 0, 0, True, 1e-4, 2, False), commit(0, 0, 3, 3, False, 0.7, 2, True),
+                 commit(0, 1, 4, 1, False, 1e-4, 1, True), commit(1, 0, 1, 1, True, 1e-4, 1, True)],
+        correct_rows=[False, True])
+    assert [(c.row, c.state) for c in result.first_errors()] == [(0, 3)]
+    text = chain_trace.summary(result)
+    assert "| 3 | 1 | 1 | 1 | - | 0.7 |" in text and "| 1 | 2 | 1 | 0 |" in text
+    assert "1/2 paths right; 1 rows committed a wrong state." in text
+    assert "in 1 of 1 it was the most uncertain" in text

@@ -300,3 +300,26 @@ def test_autoregressive_stage_is_causal_and_switches_to_diffusion(tmp_path, monk
     for bad in (["--arch", "llada", "--ar-steps", "2"], ["--arch", "dream", "--steps", "3", "--ar-steps", "3"]):
         with pytest.raises(SystemExit):
             train_tiny.parse_args([*bad, "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_suffix_masks_mask_the_end_of_the_response(arch):
+    """--suffix-masks: the last rows mask as many tokens as their random draw, all at the end of the response;
+    the other rows keep their random masks."""
+    train_tiny = _train_module()
+    vocab, mask_id, width, length = 8, 7, 5, 12
+    prompt = torch.randint(0, 6, (16, width))
+    response = torch.randint(0, 6, (16, length))
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    model, plain = _PositionConfidenceLM(vocab), _PositionConfidenceLM(vocab)
+    train_tiny.diffusion_loss(model, arch, prompt, torch.ones_like(prompt), response, mask_id, gen_a,
+                              suffix_masks=0.25)
+    train_tiny.diffusion_loss(plain, arch, prompt, torch.ones_like(prompt), response, mask_id, gen_b)
+    noisy, random_noisy = model.inputs[-1][:, width:], plain.inputs[-1][:, width:]
+    assert torch.equal(noisy[:12], random_noisy[:12])
+    counts = (random_noisy[12:] == mask_id).sum(1).clamp(min=1)
+    expect = torch.arange(length)[None, :] >= (length - counts)[:, None]
+    assert torch.equal(noisy[12:] == mask_id, expect)
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(SystemExit):
+            train_tiny.parse_args(["--arch", arch, "--out", "x", "--suffix-masks", bad])

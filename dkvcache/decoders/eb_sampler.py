@@ -19,7 +19,12 @@ class EBSampler(Decoder):
     """EB-sampler: sort candidates by score; with H_(i) their entropies in that order, unmask the i with
     Σ_{j≤i} H_(j) − max_{j≤i} H_(j) ≤ gamma (running max along the candidates; the reference took it over the
     batch), clamped to [schedule count, candidates]. gamma = 0: one token per step (plus zero-entropy ties);
-    gamma = inf: every candidate."""
+    gamma = inf: every candidate.
+
+    The max term exempts the last candidate taken, whatever its entropy: besides the near-certain candidates a
+    step always unmasks the next one. Sampled, that is a draw from its own marginal (the bound's premise); greedy
+    (temperature 0), it is that marginal's argmax, a guess when the model is unsure -- on the chain task the
+    first wrong state of every failing row was such a token, up to ln 5 nats (docs/accuracy.md)."""
 
     name = "eb_sampler"
     defaults = {"gamma": 1e-3}

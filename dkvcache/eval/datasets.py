@@ -124,16 +124,13 @@ def _humaneval_rows() -> list[dict]:
     return list(read_problems().values())
 
 
-def _arith_rows() -> list[dict]:
-    from dkvcache.tasks import arith
-
-    return read_jsonl(arith.DATA_PATH)
+TINY_TASKS = ("arith", "chain")  # the synthetic tasks whose held-out file ships in dkvcache/tasks/data
 
 
-def _chain_rows() -> list[dict]:
-    from dkvcache.tasks import chain
+def _tiny_task_rows(name: str) -> list[dict]:
+    import importlib
 
-    return read_jsonl(chain.DATA_PATH)
+    return read_jsonl(importlib.import_module(f"dkvcache.tasks.{name}").DATA_PATH)
 
 
 def load_rows(data: dict) -> list[dict]:
@@ -150,10 +147,8 @@ def load_rows(data: dict) -> list[dict]:
         return read_jsonl(path)
     if name == "humaneval":
         return _humaneval_rows()
-    if name == "arith":
-        return _arith_rows()
-    if name == "chain":
-        return _chain_rows()
+    if name in TINY_TASKS:
+        return _tiny_task_rows(name)
     if not data.get("hub"):
         raise DatasetUnavailable(f"dataset {name!r} has neither dataset.path nor dataset.hub")
     return _from_hub(name, data["hub"])
