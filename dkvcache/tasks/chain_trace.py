@@ -58,17 +58,22 @@ class Trace:
 
 
 class _Recorder:
-    """The generation hook of one batch: compares each step's sequences with the previous ones."""
+    """The generation hook: compares each step's sequences with the previous ones. Each ``diffusion_generate``
+    call (one batch) starts with a call at ``step=None``: its initial sequences, whose first MASK is the
+    response's start (prompts hold none)."""
 
-    def __init__(self, result: Trace, offsets: Any, gold: list[list[int]], first_row: int, mask_id: int) -> None:
-        self.result, self.offsets, self.gold = result, offsets, gold
-        self.first_row, self.mask_id = first_row, mask_id
-        self.previous: Any = None
+    def __init__(self, result: Trace, gold: list[list[int]], mask_id: int) -> None:
+        self.result, self.gold, self.mask_id = result, gold, mask_id
+        self.first_row, self.batch, self.offsets, self.previous = 0, 0, None, None
 
     def __call__(self, step: int | None, x: Any, logits: Any) -> Any:
         import torch
 
-        if step is None or logits is None:  # the call before the first step: the initial sequences
+        if step is None or logits is None:  # a new batch: the initial sequences
+            self.first_row += self.batch
+            self.batch = x.shape[0]
+            width = int((x[0] == self.mask_id).nonzero()[0])
+            self.offsets = torch.tensor(STATE_OFFSETS, device=x.device) + width
             self.previous = x.clone()
             return x
         before, after = self.previous[:, self.offsets].cpu(), x[:, self.offsets].cpu()
@@ -79,7 +84,7 @@ class _Recorder:
             self.result.remasked += sum(w and not n for w, n in zip(was, now))
             new = [i for i in range(len(STATE_OFFSETS)) if now[i] and not was[i]]
             if new:
-                self._record(row, int(step), new, was, after[row], entropy[row])
+                self._record(self.first_row + row, int(step), new, was, after[row], entropy[row])
         self.previous = x.clone()
         return x
 
@@ -88,29 +93,21 @@ class _Recorder:
         for i in new:
             known = max([0] + [k for k in range(1, i) if was[k]])  # the prompt gives the start
             right = int(tokens[i]) == self.gold[row][STATE_OFFSETS[i]]
-            self.result.commits.append(Commit(self.first_row + row, step, i, i - known, right, float(entropy[i]),
-                                              len(new), i == top))
+            self.result.commits.append(Commit(row, step, i, i - known, right, float(entropy[i]), len(new),
+                                              i == top))
 
 
 def trace(model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int = 100, **gen_kwargs: Any) -> Trace:
-    """Generate ``rows`` with ``gen_kwargs`` and record every committed state (see the module docstring)."""
-    import torch
-
+    """Generate ``rows`` with ``gen_kwargs`` through :func:`dkvcache.tasks.chain.evaluate` (its batching and
+    scoring) and record every committed state (see the module docstring)."""
     if "generation_tokens_hook_func" in gen_kwargs:
         raise ValueError("generation_tokens_hook_func is the trace's own hook; pass the other settings only")
     result = Trace()
-    device = getattr(model, "device", torch.device("cpu"))
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        enc = tokenizer(arith.chat_prompts(tokenizer, [r["question"] for r in chunk]), return_tensors="pt",
-                        padding=True, padding_side="left", add_special_tokens=False)
-        width = enc["input_ids"].shape[1]
-        gold = [tokenizer(r["answer"], add_special_tokens=False)["input_ids"] for r in chunk]
-        hook = _Recorder(result, torch.tensor(STATE_OFFSETS) + width, gold, start, model.config.mask_token_id)
-        out = model.diffusion_generate(enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                                       generation_tokens_hook_func=hook, return_dict_in_generate=True, **gen_kwargs)
-        texts = tokenizer.batch_decode(out.sequences[:, width:].cpu(), skip_special_tokens=True)
-        result.correct_rows += [chain.is_correct(t, r["answer"]) for t, r in zip(texts, chunk)]
+    gold = [tokenizer(r["answer"], add_special_tokens=False)["input_ids"] for r in rows]
+    hook = _Recorder(result, gold, model.config.mask_token_id)
+    scored = chain.evaluate(model, tokenizer, rows, batch_size=batch_size, generation_tokens_hook_func=hook,
+                            **gen_kwargs)
+    result.correct_rows = [p["correct"] for p in scored["predictions"]]
     return result
 
 
