@@ -239,6 +239,33 @@ def grow_layers(model, arch: str, extra: int):
     return grown
 
 
+MLP_WIDTH = {"llada": "mlp_hidden_size", "dream": "intermediate_size"}
+MLP_OUTPUTS = {"llada": "ff_out", "dream": "mlp.down_proj"}
+
+
+def grow_mlp(model, arch: str, width: int):
+    """``model`` with every block's MLP widened to ``width`` units: the old units keep their weights, the new ones
+    get random input weights and zero output weights, so the grown model computes exactly what ``model`` did
+    (width up-scaling; more room for the lookup tables a block applies)."""
+    old_width = getattr(model.config, MLP_WIDTH[arch])
+    if width <= old_width:
+        raise SystemExit(f"--grow-mlp must exceed the --init checkpoint's MLP width {old_width}, got {width}")
+    config = copy.deepcopy(model.config)
+    setattr(config, MLP_WIDTH[arch], width)
+    grown = make_model(arch, config).to(next(model.parameters()).dtype)
+    old_params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, param in grown.named_parameters():
+            old = old_params[name]
+            if param.shape == old.shape:
+                param.copy_(old)
+                continue
+            if name.endswith(f"{MLP_OUTPUTS[arch]}.weight"):  # (d, width): the new units write nothing
+                param.zero_()
+            param[tuple(slice(0, n) for n in old.shape)] = old
+    return grown
+
+
 def generation_config(arch: str, config, gen_length: int = arith.GEN_LENGTH) -> dict:
     if arch == "dream":
         return {"alg": "entropy", "alg_temp": None, "bos_token_id": config.bos_token_id,
@@ -410,6 +437,8 @@ def parse_args(argv=None):
     ap.add_argument("--grow-layers", type=int, default=0,
                     help="with --init: insert this many identity-initialised blocks (one after each of the first "
                          "N blocks) before training on")
+    ap.add_argument("--grow-mlp", type=int, default=0,
+                    help="widen every MLP of the --init checkpoint to this many units, function-preserving")
     ap.add_argument("--min-lr-ratio", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.01)
@@ -438,6 +467,8 @@ def parse_args(argv=None):
         ap.error(f"--init must be a checkpoint directory with a config.json, got {args.init!r}")
     if args.grow_layers and args.init is None:
         ap.error("--grow-layers deepens the --init checkpoint; pass --init")
+    if args.grow_mlp and args.init is None:
+        ap.error("--grow-mlp widens the --init checkpoint; pass --init")
     if not 0.0 <= args.confidence_masks <= 1.0:
         ap.error(f"--confidence-masks must be a fraction in [0, 1], got {args.confidence_masks}")
     if not 0.0 <= args.suffix_masks <= 1.0:
@@ -470,6 +501,8 @@ def train(args) -> dict:
         model = load_init(args.init, args.arch, tokenizer)
         if args.grow_layers:
             model = grow_layers(model, args.arch, args.grow_layers)
+        if args.grow_mlp:
+            model = grow_mlp(model, args.arch, args.grow_mlp)
         model = model.to(args.device)
         config = model.config
     else:

@@ -149,6 +149,36 @@ def test_grow_layers_starts_as_the_same_function(arch: str) -> None:
         train_tiny.parse_args(["--arch", arch, "--out", "x", "--grow-layers", "2"])  # needs --init
 
 
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_grow_mlp_starts_as_the_same_function(arch: str) -> None:
+    """``--grow-mlp W``: every MLP widened to W units; the old units keep their weights, the new ones write
+    nothing (zero output columns) but are trainable (random input rows), so the logits are unchanged."""
+    import importlib.util
+
+    from tests.conftest import tiny_dream, tiny_llada
+
+    spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "examples" / "train_tiny.py")
+    train_tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_tiny)
+    model = (tiny_llada if arch == "llada" else tiny_dream)(layers=2, seed=3)
+    old_width = model.config.intermediate_size
+    grown = train_tiny.grow_mlp(model, arch, 3 * old_width)
+    ids = torch.randint(0, 60, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert grown.config.intermediate_size == 3 * old_width
+        assert torch.allclose(model(ids).logits, grown(ids).logits, rtol=0, atol=1e-12)
+    out_name = train_tiny.MLP_OUTPUTS[arch]
+    for old_block, new_block in zip(model._layers(), grown._layers(), strict=True):
+        out_old, out_new = (b.get_submodule(out_name).weight for b in (old_block, new_block))
+        assert torch.equal(out_new[:, :old_width], out_old) and not out_new[:, old_width:].any()
+        inputs = [n for n, p in new_block.named_parameters() if p.shape[0] == 3 * old_width]
+        assert inputs and all(new_block.get_parameter(n)[old_width:].abs().sum() > 0 for n in inputs)
+    with pytest.raises(SystemExit):
+        train_tiny.grow_mlp(model, arch, old_width)  # not wider
+    with pytest.raises(SystemExit):
+        train_tiny.parse_args(["--arch", arch, "--out", "x", "--grow-mlp", "512"])  # needs --init
+
+
 def test_commit_trace_leaves_the_output_alone_and_sees_every_state() -> None:
     """chain_trace reads each step through the generation hook: the paths are the ones evaluate scores, a decoder
     that never re-masks commits each of the nine states exactly once, and vanilla decoding never commits a wrong

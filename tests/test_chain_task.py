@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 
 from dkvcache.eval import datasets, prompts, scoring
 from dkvcache.tasks import chain, chain_tables
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shuffles_are_fixed_derangements() -> None:
@@ -171,6 +175,49 @@ def test_compare_by_row_group(capsys: pytest.CaptureFixture, tmp_path) -> None:
         paths.append(str(tmp_path / f"{name}.json"))
     assert chain_tables.main(paths) == 0
     assert "| one token a step with a cache, and vanilla | 3 | " in capsys.readouterr().out
+
+
+def test_signal_criteria() -> None:
+    """Defaults within 2 points of vanilla, an aggressive row 15+ below it, 300 items, vanilla >= 90 %."""
+    rows = [_row("vanilla (one token a step)", 300), _row("dKV prefill", 295), _row("! steps 8 (4 tokens a step)", 250)]
+    met = chain_tables.signal(rows)
+    assert met["met"] and met["worst_default"] == ("dKV prefill", pytest.approx(5 / 3))
+    assert met["strongest_aggressive"] == ("! steps 8 (4 tokens a step)", pytest.approx(50 / 3))
+    over = chain_tables.signal([*rows, _row("decoder eb_sampler (defaults)", 293)])  # -2.33 points
+    assert not over["met"] and not over["checks"]["defaults"] and over["checks"]["aggressive"]
+    assert [name for name, _ in over["defaults_over"]] == ["decoder eb_sampler (defaults)"]
+    weak = chain_tables.signal([rows[0], rows[1], _row("! steps 8 (4 tokens a step)", 256)])  # -14.67 points
+    assert not weak["met"] and weak["checks"] == {"items": True, "vanilla": True, "defaults": True,
+                                                  "aggressive": False}
+    few = chain_tables.signal([_row(r["setting"], r["correct"] // 3, 100) for r in rows])
+    assert not few["checks"]["items"] and few["items"] == 100
+    with pytest.raises(ValueError, match="vanilla"):
+        chain_tables.signal(rows[1:])
+
+
+def test_chain_sweep_trains_tables_and_summarizes(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    """examples/chain_sweep.py end to end at toy size: two seeds trained side by side, a yardstick each, the
+    per-run signal and the pairwise ranking in summary.json; the sweep's own flags are refused after '--'."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chain_sweep", ROOT / "examples" / "chain_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    out = tmp_path / "sweep"
+    code = sweep.main(["--arch", "llada", "--seeds", "1", "2", "--out", str(out), "--limit", "2", "--batch-size", "2",
+                       "--", "--steps", "2", "--batch-size", "2", "--no-eval"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["signal"]) == {"llada-s1", "llada-s2"} and list(summary["ranking"]) == ["llada-s1 vs llada-s2"]
+    assert summary["signal"]["llada-s1"]["items"] == 2 and not summary["signal"]["llada-s1"]["met"]
+    rows = json.loads((out / "llada-s1" / "yardstick.json").read_text())
+    assert rows[0]["setting"].startswith("vanilla") and len(rows) == len(
+        chain_tables.table_settings("yardstick", "llada", chain.GEN_LENGTH))
+    assert "| llada-s1 vs llada-s2 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--arch", "llada", "--seeds", "1", "--out", "x", "--", "--seed", "3"])
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--arch", "llada", "--seeds", "1", "1", "--out", "x"])
 
 
 def test_markdown_has_interval_and_drop() -> None:

@@ -184,6 +184,27 @@ def compare(first: list[dict], second: list[dict]) -> dict:
             "inversions": sorted(set(inversions)), "same_ranking": not inversions}
 
 
+def signal(results: list[dict], max_default_loss: float = 2.0, min_aggressive_loss: float = 15.0,
+           min_items: int = 300, min_vanilla: float = 0.9) -> dict:
+    """The yardstick's signal criteria on one run (its first row is vanilla): enough items, vanilla accuracy at
+    least ``min_vanilla``, every default row (no ``!``) within ``max_default_loss`` points of vanilla, and at
+    least one aggressive row (``!``) ``min_aggressive_loss`` or more points below it."""
+    if not results or not results[0]["setting"].startswith("vanilla"):
+        raise ValueError("the run's first row must be vanilla decoding (the reference)")
+    base = results[0]["accuracy"]
+    drops = [(r["setting"], 100 * (base - r["accuracy"])) for r in results[1:]]
+    defaults = [d for d in drops if not d[0].startswith("!")] or [("(none)", 0.0)]
+    aggressive = [d for d in drops if d[0].startswith("!")] or [("(none)", 0.0)]
+    worst_default = max(defaults, key=lambda d: d[1])
+    strongest = max(aggressive, key=lambda d: d[1])
+    checks = {"items": min(r["n"] for r in results) >= min_items, "vanilla": base >= min_vanilla,
+              "defaults": worst_default[1] <= max_default_loss, "aggressive": strongest[1] >= min_aggressive_loss}
+    return {"items": min(r["n"] for r in results), "vanilla": base,
+            "defaults_over": [d for d in defaults if d[1] > max_default_loss],
+            "worst_default": worst_default, "strongest_aggressive": strongest, "checks": checks,
+            "met": all(checks.values())}
+
+
 def compare_groups(first: list[dict], second: list[dict]) -> dict[str, dict]:
     """:func:`compare` on every :data:`ROW_GROUPS` subset of the rows (the group's row count added as ``rows``)."""
     out = {}
@@ -242,6 +263,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n| rows compared | rows | Kendall tau-b | inversions |\n|---|---|---|---|")
     for name, group in compare_groups(*runs).items():
         print(f"| {name} | {group['rows']} | {group['kendall_tau_b']:.2f} | {len(group['inversions'])} |")
+    print("\nsignal per run (defaults lose <= 2 points, an aggressive row >= 15, >= 300 items, vanilla >= 90 %):")
+    for path, run in zip(argv, runs, strict=True):
+        sig = signal(run)
+        over = ", ".join(f"{name} -{loss:.1f}" for name, loss in sig["defaults_over"]) or "none"
+        print(f"  {path}: {'met' if sig['met'] else 'not met'} -- {sig['items']} items, vanilla "
+              f"{100 * sig['vanilla']:.1f} %, defaults over 2 points: {over}; strongest aggressive: "
+              f"{sig['strongest_aggressive'][0]} -{sig['strongest_aggressive'][1]:.1f}")
     return 0
 
 
