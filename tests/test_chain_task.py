@@ -121,6 +121,10 @@ def test_yardstick_rows(family: str) -> None:
     aggressive = [label for label in labels if label.startswith("!")]
     assert len(aggressive) >= 10
     assert any(kw.get("cache_type") == "greedy" for _, kw in rows) == (family == "llada")
+    # every random-order row has its reference: vanilla in that order, same seed (LLaDA only)
+    random_rows = [kw for label, kw in rows if chain_tables.RANDOM_ORDER in label]
+    assert all(kw["remasking"] == "random" and kw["seed"] == 0 for kw in random_rows)
+    assert (("vanilla (random order)", {"remasking": "random", "seed": 0}) in rows) == (family == "llada")
     assert any(kw.get("shift_type") == "un" for _, kw in rows) == (family == "dream")  # the original's rule
     for _, kw in rows:  # Dream's threshold rows need a probability score
         if family == "dream" and "threshold" in kw:
@@ -151,8 +155,11 @@ def test_compare_ranking() -> None:
     assert not flipped["same_ranking"] and ("v", "x") in flipped["inversions"]
     assert chain_tables.kendall_tau_b([1, 2, 3], [1, 2, 3]) == pytest.approx(1.0)
     assert chain_tables.kendall_tau_b([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    with pytest.raises(ValueError, match="same rows"):
-        chain_tables.compare(a, a[:2])
+    # a table that gained a row is compared on the rows both runs have
+    grown = chain_tables.compare([*a, _row("z", 10)], [_row("v", 285), _row("x", 120), _row("y", 286)])
+    assert grown == same
+    with pytest.raises(ValueError, match="share at least two rows"):
+        chain_tables.compare(a, [_row("v", 285), _row("w", 120)])
 
 
 def test_compare_by_row_group(capsys: pytest.CaptureFixture, tmp_path) -> None:
@@ -193,6 +200,27 @@ def test_signal_criteria() -> None:
     assert not few["checks"]["items"] and few["items"] == 100
     with pytest.raises(ValueError, match="vanilla"):
         chain_tables.signal(rows[1:])
+
+
+def test_random_order_rows_are_measured_against_random_order_vanilla() -> None:
+    """dKV-Greedy needs random remasking: its Δ (table and signal) is against vanilla in that order when the run
+    has that row (as the dKV-Cache paper's "Base (random)"), against the first row otherwise; the vanilla rows
+    are references, not strategies, in the signal."""
+    rows = [_row("vanilla (one token a step)", 300), _row("vanilla (random order)", 50),
+            _row("dKV greedy, cache_steps 2 (random order)", 62), _row("! dKV greedy, cache_steps 8 (random order)", 5),
+            _row("dKV prefill", 300)]
+    assert [chain_tables.reference(rows, i)["setting"] for i in range(5)] == [
+        "vanilla (one token a step)", "vanilla (one token a step)", "vanilla (random order)",
+        "vanilla (random order)", "vanilla (one token a step)"]
+    text = chain_tables.markdown(rows)
+    assert "| dKV greedy, cache_steps 2 (random order) | 20.7 % [16.5, 25.6] (62/300) | +4.0 |" in text
+    assert "| vanilla (random order) | 16.7 % [12.9, 21.3] (50/300) | -83.3 |" in text
+    sig = chain_tables.signal(rows)
+    assert sig["met"] and sig["strongest_aggressive"] == ("! dKV greedy, cache_steps 8 (random order)",
+                                                          pytest.approx(15.0))
+    without = [rows[0], *rows[2:]]  # an older table without the reference row: against the first row
+    assert chain_tables.reference(without, 1) is rows[0]
+    assert not chain_tables.signal(without)["checks"]["defaults"]
 
 
 def test_chain_sweep_trains_tables_and_summarizes(tmp_path, capsys: pytest.CaptureFixture) -> None:

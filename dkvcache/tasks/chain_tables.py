@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 TABLES = ("yardstick",)
+RANDOM_ORDER = "(random order)"  # rows decoding in a random order; measured against vanilla in that order
 # Row groups of the two-seed check (by the row labels of the yardstick table): which rows rank the same way.
 _CACHE_WORDS = ("dKV", "Fast-dLLM", "dLLM-Cache", "d2Cache")
 ROW_GROUPS: dict[str, Any] = {
@@ -50,9 +51,10 @@ def _yardstick(family: str, gen: int) -> list[tuple[str, dict]]:
     if family == "dream":  # the original's shift rule: caches a still-MASK position once its right neighbour is set
         rows.append(("! dKV decoded, cache_steps 4, shift 'un' (the original's)",
                      {**cache, "cache_type": "decoded", "cache_steps": 4, "shift_type": "un"}))
-    if family == "llada":
+    if family == "llada":  # Greedy needs random remasking: its reference is vanilla in that order (as in its paper)
         greedy = {**cache, "cache_type": "greedy", "remasking": "random", "seed": 0}
-        rows += [("dKV greedy, cache_steps 2 (random order)", {**greedy, "cache_steps": 2}),
+        rows += [(f"vanilla {RANDOM_ORDER}", {"remasking": "random", "seed": 0}),
+                 ("dKV greedy, cache_steps 2 (random order)", {**greedy, "cache_steps": 2}),
                  ("! dKV greedy, cache_steps 8 (random order)", {**greedy, "cache_steps": 8})]
     rows += [
         ("Fast-dLLM prefix, block 32", {**cache, "cache_type": "prefix", **block}),
@@ -142,16 +144,29 @@ def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def reference(results: list[dict], index: int) -> dict:
+    """The row that row ``index`` is measured against: vanilla decoding in the same order. That is the first row,
+    except for a random-order row (dKV-Greedy needs random remasking) when the run has a random-order vanilla
+    row -- the dKV-Cache paper compares Greedy with its "Base (random)" too."""
+    if RANDOM_ORDER in results[index]["setting"] and not results[index]["setting"].startswith("vanilla"):
+        for row in results:
+            if row["setting"] == f"vanilla {RANDOM_ORDER}":
+                return row
+    return results[0]
+
+
 def markdown(results: list[dict]) -> str:
-    """Accuracy with its Wilson 95 % interval, drop vs the first row, speed-up, tokens/forward, tokens/s, fed."""
-    base, base_acc = results[0]["wall_time_s"], results[0]["accuracy"]
+    """Accuracy with its Wilson 95 % interval, drop vs its reference row (:func:`reference`), speed-up vs the first
+    row, tokens/forward, tokens/s, fed."""
+    base = results[0]["wall_time_s"]
     lines = ["| setting | accuracy (95 % CI) | Δ pts | speed-up | tokens/forward | tokens/s | fed |",
              "|---|---|---|---|---|---|---|"]
-    for r in results:
+    for i, r in enumerate(results):
         lo, hi = r.get("ci95") or wilson(r["correct"], r["n"])
         speedup = base / r["wall_time_s"] if r["wall_time_s"] > 0 else float("nan")
+        drop = 100 * (r["accuracy"] - reference(results, i)["accuracy"])
         lines.append(f"| {r['setting']} | {100 * r['accuracy']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}] "
-                     f"({r['correct']}/{r['n']}) | {100 * (r['accuracy'] - base_acc):+.1f} | {speedup:.2f}× | "
+                     f"({r['correct']}/{r['n']}) | {drop:+.1f} | {speedup:.2f}× | "
                      f"{r['tokens_per_forward']:.2f} | {r['tokens_per_s']:.0f} | {r['fed_fraction']:.2f} |")
     return "\n".join(lines)
 
@@ -161,10 +176,9 @@ def compare(first: list[dict], second: list[dict]) -> dict:
 
     A pair of rows is *separated* in a run when their Wilson intervals do not overlap. The ranking agrees when no
     pair separated in one run is ordered the other way round in the other (an inversion); Kendall's tau-b over
-    all rows is reported as well.
+    all rows is reported as well. Only the rows both runs have are compared (a table may have gained rows).
     """
-    if [r["setting"] for r in first] != [r["setting"] for r in second]:
-        raise ValueError("the two runs must have the same rows in the same order")
+    first, second = common_rows(first, second)
     a = [r["accuracy"] for r in first]
     b = [r["accuracy"] for r in second]
     inversions, separated = [], 0
@@ -187,12 +201,14 @@ def compare(first: list[dict], second: list[dict]) -> dict:
 def signal(results: list[dict], max_default_loss: float = 2.0, min_aggressive_loss: float = 15.0,
            min_items: int = 300, min_vanilla: float = 0.9) -> dict:
     """The yardstick's signal criteria on one run (its first row is vanilla): enough items, vanilla accuracy at
-    least ``min_vanilla``, every default row (no ``!``) within ``max_default_loss`` points of vanilla, and at
-    least one aggressive row (``!``) ``min_aggressive_loss`` or more points below it."""
+    least ``min_vanilla``, every default row (no ``!``) within ``max_default_loss`` points of its reference
+    (:func:`reference`; the vanilla rows are references, not strategies), and at least one aggressive row
+    (``!``) ``min_aggressive_loss`` or more points below it."""
     if not results or not results[0]["setting"].startswith("vanilla"):
         raise ValueError("the run's first row must be vanilla decoding (the reference)")
     base = results[0]["accuracy"]
-    drops = [(r["setting"], 100 * (base - r["accuracy"])) for r in results[1:]]
+    drops = [(r["setting"], 100 * (reference(results, i)["accuracy"] - r["accuracy"]))
+             for i, r in enumerate(results) if not r["setting"].startswith("vanilla")]
     defaults = [d for d in drops if not d[0].startswith("!")] or [("(none)", 0.0)]
     aggressive = [d for d in drops if d[0].startswith("!")] or [("(none)", 0.0)]
     worst_default = max(defaults, key=lambda d: d[1])
@@ -205,8 +221,18 @@ def signal(results: list[dict], max_default_loss: float = 2.0, min_aggressive_lo
             "met": all(checks.values())}
 
 
+def common_rows(first: list[dict], second: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The rows of two runs that have the same setting label, in the first run's order."""
+    by_label = {r["setting"]: r for r in second}
+    shared = [r for r in first if r["setting"] in by_label]
+    if len(shared) < 2:
+        raise ValueError("the two runs must share at least two rows (the same setting labels)")
+    return shared, [by_label[r["setting"]] for r in shared]
+
+
 def compare_groups(first: list[dict], second: list[dict]) -> dict[str, dict]:
     """:func:`compare` on every :data:`ROW_GROUPS` subset of the rows (the group's row count added as ``rows``)."""
+    first, second = common_rows(first, second)
     out = {}
     for name, keep in ROW_GROUPS.items():
         a = [r for r in first if keep(r["setting"])]
@@ -252,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs.append(json.load(f))
     result = compare(*runs)
     print("| setting | first | second |\n|---|---|---|")
-    for a, b in zip(*runs):
+    for a, b in zip(*common_rows(*runs), strict=True):
         print(f"| {a['setting']} | {100 * a['accuracy']:.1f} % | {100 * b['accuracy']:.1f} % |")
     print(f"\nKendall tau-b {result['kendall_tau_b']:.3f}; {result['separated_pairs']} pair orderings separated "
           f"(non-overlapping Wilson intervals) in one run; inversions in the other: "
