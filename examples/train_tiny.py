@@ -35,7 +35,9 @@ and its shifted layout (position j-1 predicts token j) is that model's.
 ``--confidence-masks f`` (an experiment, measured and not adopted: docs/accuracy.md): a fraction f of each batch
 masks the tokens the model is least confident about with the whole response masked, the contexts a parallel
 decoder creates, instead of random ones. ``--suffix-masks f`` (the same): a fraction f masks the end of the
-response instead, so the first masked token has every token before it written.
+response instead, so the first masked token has every token before it written. ``--grow-layers N`` and
+``--grow-mlp W`` (the same) deepen or widen the ``--init`` checkpoint without changing what it computes, then
+train on. ``examples/chain_sweep.py`` trains several seeds side by side and checks the chain yardstick on each.
 
 Objective (masked diffusion, as LLaDA/Dream SFT): per sequence t ~ U(eps, 1] (stratified over the batch); every
 response token (the answer, the end-of-turn token and the EOS padding up to 64 tokens) is replaced by MASK with
