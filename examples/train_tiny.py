@@ -242,7 +242,7 @@ def grow_layers(model, arch: str, extra: int):
 
 
 MLP_WIDTH = {"llada": "mlp_hidden_size", "dream": "intermediate_size"}
-MLP_OUTPUTS = {"llada": "ff_out", "dream": "mlp.down_proj"}
+MLP_OUTPUTS = {arch: names[1] for arch, names in OUTPUT_PROJECTIONS.items()}  # the MLP's output projection
 
 
 def grow_mlp(model, arch: str, width: int):

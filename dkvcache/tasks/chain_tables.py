@@ -22,13 +22,20 @@ from typing import Any
 
 TABLES = ("yardstick",)
 RANDOM_ORDER = "(random order)"  # rows decoding in a random order; measured against vanilla in that order
+
+
+def is_reference(label: str) -> bool:
+    """Vanilla decoding rows (no cache, one token a step): what the strategies are measured against."""
+    return label.startswith("vanilla")
+
+
 # Row groups of the two-seed check (by the row labels of the yardstick table): which rows rank the same way.
 _CACHE_WORDS = ("dKV", "Fast-dLLM", "dLLM-Cache", "d2Cache")
 ROW_GROUPS: dict[str, Any] = {
     "all rows": lambda label: True,
     "the defaults (no !)": lambda label: not label.startswith("!"),
     "one token a step with a cache, and vanilla": lambda label: "threshold" not in label and (
-        label.startswith("vanilla") or any(word in label for word in _CACHE_WORDS)),
+        is_reference(label) or any(word in label for word in _CACHE_WORDS)),
     "without a cache": lambda label: not any(word in label for word in _CACHE_WORDS),
 }
 
@@ -148,7 +155,7 @@ def reference(results: list[dict], index: int) -> dict:
     """The row that row ``index`` is measured against: vanilla decoding in the same order. That is the first row,
     except for a random-order row (dKV-Greedy needs random remasking) when the run has a random-order vanilla
     row -- the dKV-Cache paper compares Greedy with its "Base (random)" too."""
-    if RANDOM_ORDER in results[index]["setting"] and not results[index]["setting"].startswith("vanilla"):
+    if RANDOM_ORDER in results[index]["setting"] and not is_reference(results[index]["setting"]):
         for row in results:
             if row["setting"] == f"vanilla {RANDOM_ORDER}":
                 return row
@@ -204,18 +211,19 @@ def signal(results: list[dict], max_default_loss: float = 2.0, min_aggressive_lo
     least ``min_vanilla``, every default row (no ``!``) within ``max_default_loss`` points of its reference
     (:func:`reference`; the vanilla rows are references, not strategies), and at least one aggressive row
     (``!``) ``min_aggressive_loss`` or more points below it."""
-    if not results or not results[0]["setting"].startswith("vanilla"):
+    if not results or not is_reference(results[0]["setting"]):
         raise ValueError("the run's first row must be vanilla decoding (the reference)")
     base = results[0]["accuracy"]
     drops = [(r["setting"], 100 * (reference(results, i)["accuracy"] - r["accuracy"]))
-             for i, r in enumerate(results) if not r["setting"].startswith("vanilla")]
+             for i, r in enumerate(results) if not is_reference(r["setting"])]
     defaults = [d for d in drops if not d[0].startswith("!")] or [("(none)", 0.0)]
     aggressive = [d for d in drops if d[0].startswith("!")] or [("(none)", 0.0)]
     worst_default = max(defaults, key=lambda d: d[1])
     strongest = max(aggressive, key=lambda d: d[1])
-    checks = {"items": min(r["n"] for r in results) >= min_items, "vanilla": base >= min_vanilla,
+    items = min(r["n"] for r in results)
+    checks = {"items": items >= min_items, "vanilla": base >= min_vanilla,
               "defaults": worst_default[1] <= max_default_loss, "aggressive": strongest[1] >= min_aggressive_loss}
-    return {"items": min(r["n"] for r in results), "vanilla": base,
+    return {"items": items, "vanilla": base,
             "defaults_over": [d for d in defaults if d[1] > max_default_loss],
             "worst_default": worst_default, "strongest_aggressive": strongest, "checks": checks,
             "met": all(checks.values())}
